@@ -1,0 +1,192 @@
+"""The public transforms: ``transform``, ``vjp``, ``lrp`` and ``report``, modelled on ``jax.grad``/``jax.vjp``."""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+
+from .composites import Composite, as_composite
+from .interpreter import Tracer, run
+from .layers import LayerInfo
+from .targets import initial_relevance
+
+
+def _argnums_tuple(argnums: int | Sequence[int]) -> tuple[int, ...]:
+    nums = (argnums,) if isinstance(argnums, int) else tuple(argnums)
+    if not nums or not all(isinstance(a, int) for a in nums):
+        raise ValueError(f"argnums must be an int or a non-empty sequence of ints, got {argnums!r}")
+    return nums
+
+
+def _check_args(args: tuple, argnums: tuple[int, ...], name: str) -> None:
+    for a in argnums:
+        if not -len(args) <= a < len(args):
+            raise ValueError(f"{name}: argnums={a} is out of range for a call with {len(args)} positional "
+                             f"argument(s)")
+        for path, leaf in jax.tree_util.tree_leaves_with_path(args[a]):
+            dtype = jnp.result_type(leaf)
+            if not jnp.issubdtype(dtype, jnp.inexact):
+                raise ValueError(
+                    f"{name}: the explained argument {a}{jax.tree_util.keystr(path)} has dtype {dtype}; "
+                    f"relevance needs floating-point inputs. For token ids, explain the embedding output "
+                    f"instead (pass the embedded sequence), or choose another argnums.")
+
+
+def _normalise(args: tuple, argnums: tuple[int, ...]) -> tuple[int, ...]:
+    return tuple(a % len(args) for a in argnums)
+
+
+class _Transformed:
+    """``fn`` re-emitted with LRP rules in its VJP. Forward values are identical to ``fn``'s."""
+
+    def __init__(self, fn: Callable, composite: Composite, argnums: tuple[int, ...]):
+        self.fn, self.composite, self.argnums = fn, composite, argnums
+        self._tracers: dict[tuple[int, ...], Tracer] = {}
+
+    def tracer(self, args: tuple) -> Tracer:
+        nums = _normalise(args, self.argnums)
+        if nums not in self._tracers:
+            self._tracers[nums] = Tracer(self.fn, self.composite, nums)
+        return self._tracers[nums]
+
+    def call(self, args: tuple, kwargs: dict, probes: dict | None = None):
+        _check_args(args, self.argnums, "jlrp")
+        plan, out_tree = self.tracer(args).plan(args, kwargs)
+        flat = run(plan, jax.tree_util.tree_leaves(args), probes)
+        return jax.tree_util.tree_unflatten(out_tree, flat), plan
+
+    def __call__(self, *args, **kwargs):
+        return self.call(args, kwargs)[0]
+
+
+def transform(fn: Callable, composite: Composite | Any = None, *, argnums: int | Sequence[int] = 0) -> Callable:
+    """Return ``fn`` rewritten so that its VJP with respect to ``args[argnums]`` is LRP.
+
+    The returned function computes exactly the same outputs as ``fn``; ``jax.vjp`` / ``jax.grad`` of it
+    propagate relevance with the composite's rules. It composes with ``jax.jit``, ``jax.vmap`` and sharding.
+    """
+    return _Transformed(fn, as_composite(composite), _argnums_tuple(argnums))
+
+
+def _replace(args: tuple, nums: tuple[int, ...], values: Sequence) -> tuple:
+    args = list(args)
+    for a, v in zip(nums, values):
+        args[a] = v
+    return tuple(args)
+
+
+def vjp(fn: Callable, *primals, composite: Composite | Any = None,
+        argnums: int | Sequence[int] | None = None, **kwargs) -> tuple[Any, Callable]:
+    """Like ``jax.vjp``: returns ``(fn(*primals), relevance_fn)``.
+
+    ``relevance_fn(R_out)`` propagates the output relevance ``R_out`` (shape of the output) back and returns
+    a tuple with the relevance of each explained primal (all primals unless ``argnums`` is given).
+    """
+    nums = tuple(range(len(primals))) if argnums is None else _argnums_tuple(argnums)
+    _check_args(primals, nums, "jlrp.vjp")
+    nums = _normalise(primals, nums)
+    f = transform(fn, composite, argnums=nums)
+    out, pullback = jax.vjp(lambda *xs: f(*_replace(primals, nums, xs), **kwargs), *[primals[a] for a in nums])
+    return out, pullback
+
+
+def lrp(fn: Callable, composite: Composite | Any = None, *, argnums: int | Sequence[int] = 0) -> Callable:
+    """Return ``explain(*args, target=None, relevance=None, **kwargs)`` computing LRP relevance.
+
+    Args:
+      fn: the model, e.g. ``model.apply`` (linen), a function of an NNX state, or any JAX function.
+      composite: a :class:`Composite`, a single rule (for every dense and conv layer), or None for
+        :func:`jlrp.composites.epsilon_plus_flat`.
+      argnums: which positional argument(s) to explain (like ``jax.grad``); e.g. 1 for ``apply(params, x)``.
+
+    The returned function takes ``fn``'s arguments plus ``target`` (an int, an int array with one class per
+    row, or None for the argmax) or ``relevance`` (a custom initial relevance with the output's shape), and
+    returns relevance shaped like ``args[argnums]`` (a tuple for a tuple argnums). The initial relevance is
+    the selected logit ``out * one_hot(target)``.
+    """
+    transformed = transform(fn, composite, argnums=argnums)
+    single = isinstance(argnums, int)
+
+    def explain(*args, target: Any = None, relevance: Any = None, **kwargs):
+        _check_args(args, transformed.argnums, "jlrp.lrp")
+        nums = _normalise(args, transformed.argnums)
+        out, pullback = jax.vjp(lambda *xs: transformed(*_replace(args, nums, xs), **kwargs),
+                                *[args[a] for a in nums])
+        result = pullback(initial_relevance(_single_output(out), target, relevance))
+        return result[0] if single else result
+
+    explain.transformed = transformed  # type: ignore[attr-defined]
+    return explain
+
+
+def _single_output(out):
+    if not isinstance(out, jax.Array) and not hasattr(out, "shape"):
+        raise ValueError(f"jlrp.lrp explains a function with one array output; got {type(out).__name__}. "
+                         f"Wrap the model to return its logits, or use jlrp.vjp with your own cotangent.")
+    return out
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class LayerRelevance:
+    """Relevance at one layer: at its output, its total, and what its rule absorbed (bias, stabilizer)."""
+    relevance: jax.Array  # at the layer's output, shape of the output
+    total: jax.Array  # sum of relevance at the output
+    absorbed: jax.Array  # sum(R_out) - sum(R_in): the bias and stabilizer share of this layer
+    info: LayerInfo = dataclasses.field(metadata=dict(static=True))
+    rule: str = dataclasses.field(metadata=dict(static=True))
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class Report:
+    """An explanation with its per-layer relevance and conservation figures."""
+    relevance: Any  # at the explained input(s)
+    output: jax.Array  # model output
+    initial: jax.Array  # the initial relevance put on the output
+    layers: list[LayerRelevance]
+
+    def table(self) -> str:
+        """A markdown table: per layer, total relevance at the output and the share absorbed."""
+        lines = ["| # | kind | rule | module / params | sum R_out | absorbed |", "|---|---|---|---|---|---|"]
+        for l in self.layers:
+            where = l.info.module or ", ".join(l.info.params) or "-"
+            lines.append(f"| {l.info.index} | {l.info.kind} | {l.rule} | {where} | {float(l.total):.6g} | "
+                         f"{float(l.absorbed):.6g} |")
+        total_in = sum(float(jnp.sum(r)) for r in jax.tree_util.tree_leaves(self.relevance))
+        lines.append(f"\nsum R_out = {float(jnp.sum(self.initial)):.6g}, sum R_in = {total_in:.6g}, "
+                     f"absorbed by layers = {sum(float(l.absorbed) for l in self.layers):.6g}")
+        return "\n".join(lines)
+
+
+def report(fn: Callable, composite: Composite | Any = None, *, argnums: int | Sequence[int] = 0) -> Callable:
+    """Like :func:`lrp`, but returns a :class:`Report` with relevance at every layer's output and the share
+    of relevance each layer absorbs (bias and stabilizer), computed from the rule's own denominators.
+
+    With a conserving rule set, ``sum(R_out) - sum(R_in) == sum(layer.absorbed)``; activations, structural
+    ops and max pooling conserve relevance. The report is a pytree: it works under ``jax.jit``/``jax.vmap``.
+    """
+    transformed = transform(fn, composite, argnums=argnums)
+    single = isinstance(argnums, int)
+
+    def explain(*args, target: Any = None, relevance: Any = None, **kwargs) -> Report:
+        _check_args(args, transformed.argnums, "jlrp.report")
+        nums = _normalise(args, transformed.argnums)
+        plan, _ = transformed.tracer(args).plan(args, kwargs)
+        probes = {l.info.index: (jnp.zeros(l.info.output_shape, plan.graph.avals[l.output].dtype),
+                                 jnp.zeros((), jnp.promote_types(plan.graph.avals[l.output].dtype, jnp.float32)))
+                  for l in plan.layers}
+
+        def f(xs, probes):
+            return transformed.call(_replace(args, nums, xs), kwargs, probes)[0]
+
+        out, pullback = jax.vjp(f, tuple(args[a] for a in nums), probes)
+        r0 = initial_relevance(_single_output(out), target, relevance)
+        r_in, probe_ct = pullback(r0)
+        layers = [LayerRelevance(probe_ct[l.info.index][0], jnp.sum(probe_ct[l.info.index][0]),
+                                 probe_ct[l.info.index][1], l.info, repr(l.rule)) for l in plan.layers]
+        return Report(r_in[0] if single else r_in, out, r0, layers)
+
+    return explain

@@ -1,0 +1,102 @@
+"""A flat view of a jaxpr: call-like sub-jaxprs inlined, values numbered.
+
+Inlining ``jit``, ``custom_jvp_call``, ``custom_vjp_call`` and ``remat`` bodies lets layer patterns match across
+call boundaries (``jax.nn.relu`` is a custom_jvp around a jit around ``max``) and gives every call site its
+own layers. Dropping the custom derivative rules is intended: LRP defines its own backward pass.
+Control-flow primitives (scan, cond, while) keep their bodies as sub-graphs of their own.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from jax.extend import core as jcore
+
+#: Primitives whose body is inlined, with the parameter holding it.
+_INLINE = {"jit": "jaxpr", "pjit": "jaxpr", "closed_call": "call_jaxpr", "core_call": "call_jaxpr",
+           "custom_jvp_call": "call_jaxpr", "custom_vjp_call": "call_jaxpr", "remat2": "jaxpr",
+           "checkpoint": "jaxpr"}
+
+
+@dataclasses.dataclass(frozen=True)
+class Lit:
+    """A literal operand (a Python or numpy scalar baked into the jaxpr)."""
+    val: Any
+
+
+@dataclasses.dataclass
+class Node:
+    """One primitive application: ``outputs = prim.bind(*inputs, **params)``."""
+    prim: jcore.Primitive
+    params: dict
+    inputs: list  # value ids (int) or Lit
+    outputs: list[int]
+    name: str  # module path from the name stack ('' when unknown)
+
+    def bind(self, *vals):
+        out = self.prim.bind(*vals, **self.prim.get_bind_params(self.params))
+        return list(out) if self.prim.multiple_results else [out]
+
+
+@dataclasses.dataclass
+class Graph:
+    nodes: list[Node]
+    inputs: list[int]
+    outputs: list  # value ids or Lit
+    consts: dict[int, Any]  # value id -> constant array (closed-over values)
+    avals: dict[int, Any]  # value id -> abstract value
+
+
+def _name_of(eqn, prefix: str) -> str:
+    name = str(eqn.source_info.name_stack)
+    return "/".join(p for p in (prefix, name) if p)
+
+
+class _Builder:
+    def __init__(self):
+        self.nodes: list[Node] = []
+        self.consts: dict[int, Any] = {}
+        self.avals: dict[int, Any] = {}
+        self._next = 0
+
+    def new(self, aval) -> int:
+        vid = self._next
+        self._next += 1
+        self.avals[vid] = aval
+        return vid
+
+    def inline(self, jaxpr: jcore.Jaxpr, consts: list, args: list, prefix: str) -> list:
+        env: dict = {}
+
+        def read(atom):
+            return Lit(atom.val) if isinstance(atom, jcore.Literal) else env[atom]
+
+        for var, val in zip(jaxpr.constvars, consts):
+            env[var] = self.new(var.aval)
+            self.consts[env[var]] = val
+        env.update(zip(jaxpr.invars, args))
+        for eqn in jaxpr.eqns:
+            inputs = [read(a) for a in eqn.invars]
+            name = _name_of(eqn, prefix)
+            body = eqn.params.get(_INLINE.get(eqn.primitive.name, ""))
+            if body is not None:
+                if isinstance(body, jcore.ClosedJaxpr):
+                    inner, inner_consts = body.jaxpr, list(body.consts)
+                else:
+                    inner, inner_consts = body, []
+                outs = self.inline(inner, inner_consts, inputs, name)
+            else:
+                outs = [self.new(v.aval) for v in eqn.outvars]
+                self.nodes.append(Node(eqn.primitive, dict(eqn.params), inputs, outs, name))
+            for var, out in zip(eqn.outvars, outs):
+                if not isinstance(var, jcore.DropVar):
+                    env[var] = out
+        return [read(a) for a in jaxpr.outvars]
+
+
+def flatten(closed: jcore.ClosedJaxpr) -> Graph:
+    """Inline every call-like sub-jaxpr of ``closed`` into one flat :class:`Graph`."""
+    b = _Builder()
+    inputs = [b.new(v.aval) for v in closed.jaxpr.invars]
+    outputs = b.inline(closed.jaxpr, list(closed.consts), inputs, "")
+    return Graph(b.nodes, inputs, outputs, b.consts, b.avals)

@@ -1,0 +1,297 @@
+"""LRP rules as configurations of one generic modified-VJP mechanism.
+
+Every rule is a list of *groups* of *terms*. A term modifies the layer's input x, weight W and bias b;
+its output is ``z_k = op(x_k; W_k) + b_k``. A group sums its terms' outputs (each with a sign) into one
+denominator and propagates
+
+    s      = coefficient * select(z) * R_out / stabilize(sum_k sign_k z_k)
+    R_in  += sum_k sign_k * x_k * VJP_k(s) / degree
+
+where VJP_k is the VJP of ``x -> op(x; W_k)`` and ``degree`` is the op's degree of homogeneity in its active
+inputs (1 for linear layers and sums, 2 for a product of two activations). Euler's theorem for homogeneous
+functions makes ``sum(x_k * VJP_k(s)) / degree = sum(s * op(x_k; W_k))``, which is what lets
+:func:`propagate` report exactly how much relevance the bias and the stabilizer absorb.
+
+This is Zennit's formulation of LRP (input modifier, parameter modifier, gradient mapper, reducer);
+epsilon, gamma, alpha-beta, z+, z^B, w^2 and flat are all a few lines of configuration below.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+
+Array = jax.Array
+Modifier = Callable[[Array], Array]
+
+
+def _identity(a: Array) -> Array:
+    return a
+
+
+def _positive(a: Array) -> Array:
+    return jnp.maximum(a, 0)
+
+
+def _negative(a: Array) -> Array:
+    return jnp.minimum(a, 0)
+
+
+def _zero(a: Array) -> Array:
+    return jnp.zeros_like(a)
+
+
+def _ones(a: Array) -> Array:
+    return jnp.ones_like(a)
+
+
+def _square(a: Array) -> Array:
+    return a * a
+
+
+def stabilize(z: Array, epsilon: float) -> Array:
+    """``z + epsilon * sign(z)`` with sign(0) = +1, so the result is never 0 (and never 0/0)."""
+    return z + epsilon * jnp.where(z >= 0, 1.0, -1.0).astype(z.dtype)
+
+
+@dataclasses.dataclass(frozen=True)
+class Term:
+    """One modified copy of the layer: ``op(input(x); weight(W)) + bias(b)``, counted with ``sign``."""
+    input: Modifier = _identity
+    weight: Modifier = _identity
+    bias: Modifier = _identity
+    sign: float = 1.0
+
+
+@dataclasses.dataclass(frozen=True)
+class Group:
+    """Terms sharing one denominator; ``select`` restricts the group to outputs with z > 0 or z < 0."""
+    terms: tuple[Term, ...]
+    coefficient: float = 1.0
+    select: str | None = None  # None, "positive" or "negative" (sign of the unmodified output)
+
+
+@dataclasses.dataclass(frozen=True)
+class Rule:
+    """An LRP rule: groups of modified layer copies and the stabilizer of their denominators.
+
+    Rules are hashable values, so composites and cached traces can compare them.
+    """
+    name: str
+    groups: tuple[Group, ...]
+    stabilizer: float = 1e-6
+
+    def __repr__(self) -> str:
+        return self.name
+
+
+@dataclasses.dataclass(frozen=True)
+class Native:
+    """Keep the layer's ordinary VJP (gradient): max pooling's winner-take-all, structural ops."""
+    name: str = "gradient"
+
+    def __repr__(self) -> str:
+        return self.name
+
+
+@dataclasses.dataclass(frozen=True)
+class Pass:
+    """Relevance passes through unchanged (R_in = R_out): elementwise activations."""
+    name: str = "pass"
+
+    def __repr__(self) -> str:
+        return self.name
+
+
+@dataclasses.dataclass(frozen=True)
+class Custom:
+    """A rule given as a function: ``backward(forward, xs, out, relevance) -> R_in for each of xs``.
+
+    ``forward(*xs)`` recomputes the layer (use ``jax.vjp`` on it for gradient-based rules), ``xs`` are the
+    layer's explained inputs, ``out`` its output and ``relevance`` the relevance arriving at the output.
+    """
+    name: str
+    backward: Callable[..., Sequence[Array]]
+
+    def __repr__(self) -> str:
+        return self.name
+
+
+AnyRule = Rule | Native | Pass | Custom
+
+
+def _select(z: Array, select: str | None) -> Array | float:
+    if select is None:
+        return 1.0
+    return (z > 0 if select == "positive" else z < 0).astype(z.dtype)
+
+
+def propagate(rule: Rule, op: Callable[..., Array], xs: Sequence[Array], weight: Any, bias: Any,
+              relevance: Array, z: Array, degree: int = 1) -> tuple[tuple[Array, ...], Array]:
+    """Apply ``rule`` to one layer.
+
+    Args:
+      op: ``op(*xs, weight) -> z without bias``, linear (homogeneous of degree ``degree``) in ``xs``.
+      xs: the layer's active inputs. weight: its (canonized) parameters, or None for parameter-free ops.
+      bias: the effective bias in output space (broadcastable to z), or None.
+      relevance: R_out, shape of z. z: the layer's unmodified output (for ``Group.select``).
+
+    Returns:
+      (R_in for each of xs, absorbed), where ``absorbed = sum(R_out) - sum(R_in)`` is computed from the
+      denominators (the bias and stabilizer share), not from R_in, so it checks the propagation.
+    """
+    dtype = jnp.promote_types(relevance.dtype, jnp.float32)  # epsilon vanishes in bf16
+    xs = tuple(x.astype(dtype) for x in xs)
+    relevance = relevance.astype(dtype)
+    z = z.astype(dtype)
+    if weight is not None:
+        weight = jax.tree.map(lambda w: w.astype(dtype), weight)
+    if bias is not None:
+        bias = bias.astype(dtype)
+
+    r_in = [jnp.zeros_like(x) for x in xs]
+    explained = jnp.zeros((), dtype)  # relevance that reaches the inputs
+    for group in rule.groups:
+        outs, pullbacks, inputs = [], [], []
+        for term in group.terms:
+            x_k = tuple(term.input(x) for x in xs)
+            w_k = None if weight is None else jax.tree.map(term.weight, weight)
+            z_k, pullback = jax.vjp(lambda *a, w_k=w_k: op(*a, w_k), *x_k)
+            outs.append(z_k)
+            pullbacks.append(pullback)
+            inputs.append(x_k)
+        x_part = sum(t.sign * z_k for t, z_k in zip(group.terms, outs))
+        b_part = 0.0
+        if bias is not None:
+            b_part = sum(t.sign * t.bias(bias) for t in group.terms)
+        denominator = stabilize(x_part + b_part, rule.stabilizer)
+        signal = group.coefficient * _select(z, group.select) * relevance / denominator
+        for term, x_k, pullback in zip(group.terms, inputs, pullbacks):
+            for i, (x, ct) in enumerate(zip(x_k, pullback(signal))):
+                r_in[i] = r_in[i] + (term.sign / degree) * x * ct
+        explained = explained + jnp.sum(signal * x_part)
+    return tuple(r_in), jnp.sum(relevance) - explained
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Named rules. ``bias=False`` zeroes the bias in every term (the rule then ignores it).
+
+def _bias(modifier: Modifier, bias: bool) -> Modifier:
+    return modifier if bias else _zero
+
+
+def epsilon(epsilon: float = 1e-6, *, bias: bool = True) -> Rule:
+    """LRP-epsilon: ``R_i = sum_j z_ij / (z_j + eps sign(z_j)) R_j``; eps absorbs weak or contradictory relevance."""
+    return Rule(f"epsilon({epsilon:g})", (Group((Term(bias=_bias(_identity, bias)),)),), stabilizer=epsilon)
+
+
+def zero(stabilizer: float = 1e-12, *, bias: bool = True) -> Rule:
+    """LRP-0 (the z-rule): epsilon with a vanishing stabilizer."""
+    return dataclasses.replace(epsilon(stabilizer, bias=bias), name="zero")
+
+
+def gamma(gamma: float = 0.25, stabilizer: float = 1e-6, *, bias: bool = True) -> Rule:
+    """LRP-gamma (Zennit's generalised form, also for negative inputs): favours positive contributions.
+
+    Where z > 0: terms (x+, W + g W+, b + g b+) and (x-, W + g W-, 0); where z < 0: (x+, W + g W-, b + g b-)
+    and (x-, W + g W+, 0), each group with its own denominator.
+    """
+    def up(w):
+        return w + gamma * jnp.maximum(w, 0)
+
+    def down(w):
+        return w + gamma * jnp.minimum(w, 0)
+
+    pos = Group((Term(_positive, up, _bias(up, bias)), Term(_negative, down, _zero)), select="positive")
+    neg = Group((Term(_positive, down, _bias(down, bias)), Term(_negative, up, _zero)), select="negative")
+    return Rule(f"gamma({gamma:g})", (pos, neg), stabilizer)
+
+
+def alpha_beta(alpha: float = 2.0, beta: float = 1.0, stabilizer: float = 1e-6, *, bias: bool = True) -> Rule:
+    """LRP-alpha-beta: ``alpha * activators - beta * inhibitors``, alpha - beta = 1.
+
+    Activators: x+ W+ (+ b+) and x- W-; inhibitors: x+ W- (+ b-) and x- W+ (Zennit's semantics).
+    """
+    if abs(alpha - beta - 1.0) > 1e-9 or beta < 0:
+        raise ValueError(f"alpha-beta needs alpha - beta = 1 and beta >= 0, got alpha={alpha}, beta={beta}")
+    act = Group((Term(_positive, _positive, _bias(_positive, bias)), Term(_negative, _negative, _zero)), alpha)
+    inh = Group((Term(_positive, _negative, _bias(_negative, bias)), Term(_negative, _positive, _zero)), -beta)
+    groups = (act, inh) if beta else (act,)
+    return Rule(f"alpha{alpha:g}_beta{beta:g}", groups, stabilizer)
+
+
+def zplus(stabilizer: float = 1e-6, *, bias: bool = True) -> Rule:
+    """Deep-Taylor z+: terms (x+, W+, b+) and (x-, W-, 0) in one denominator (Zennit's ZPlus).
+
+    For non-negative inputs and ``bias=False`` this is the classic ``x_i w_ij+ / sum_i x_i w_ij+``.
+    """
+    return Rule("zplus", (Group((Term(_positive, _positive, _bias(_positive, bias)),
+                                 Term(_negative, _negative, _zero))),), stabilizer)
+
+
+def zbox(low: Any, high: Any, stabilizer: float = 1e-6, *, bias: bool = True) -> Rule:
+    """z^B for bounded inputs in [low, high] (scalars or arrays broadcastable to the input).
+
+    Terms (x, W, b), (low, W+, b+) and (high, W-, b-) with signs +, -, -.
+    """
+    def fill(value):
+        return lambda x: jnp.broadcast_to(jnp.asarray(value, x.dtype), x.shape)
+
+    terms = (Term(bias=_bias(_identity, bias)),
+             Term(fill(low), _positive, _bias(_positive, bias), -1.0),
+             Term(fill(high), _negative, _bias(_negative, bias), -1.0))
+    return Rule("zbox", (Group(terms),), stabilizer)
+
+
+def wsquare(stabilizer: float = 1e-6, *, bias: bool = False) -> Rule:
+    """w^2: ``R_i = sum_j w_ij^2 / sum_i' w_i'j^2 R_j``; independent of the input."""
+    return Rule("wsquare", (Group((Term(_ones, _square, _bias(_square, bias)),)),), stabilizer)
+
+
+def flat(stabilizer: float = 1e-6) -> Rule:
+    """Flat: relevance spread uniformly over each output's receptive field (input-independent)."""
+    return Rule("flat", (Group((Term(_ones, _ones, _zero),)),), stabilizer)
+
+
+def norm(stabilizer: float = 1e-6) -> Rule:
+    """Proportional split for sums (residual adds, sum/average pooling): the epsilon rule without parameters."""
+    return dataclasses.replace(epsilon(stabilizer), name="norm")
+
+
+def gradient() -> Native:
+    """Keep the ordinary gradient (e.g. winner-take-all for max pooling)."""
+    return Native()
+
+
+def uniform(stabilizer: float = 1e-6) -> Rule:
+    """Products of n activations (attention's q.k and a.v, gates): each factor gets 1/n of the relevance.
+
+    The epsilon rule divided by the product's degree (AttnLRP's uniform rule).
+    """
+    return dataclasses.replace(epsilon(stabilizer), name="uniform")
+
+
+def _positive_part(forward, xs, out, relevance):
+    return [jnp.maximum(relevance, 0).astype(x.dtype) for x in xs]
+
+
+def _guided(forward, xs, out, relevance):
+    _, pullback = jax.vjp(forward, *xs)
+    return pullback(jnp.maximum(relevance, 0).astype(out.dtype))
+
+
+def deconvnet() -> Custom:
+    """DeconvNet's activation rule: only positive relevance passes, the forward mask is ignored."""
+    return Custom("deconvnet", _positive_part)
+
+
+def guided_backprop() -> Custom:
+    """Guided BackProp's activation rule: the forward gradient (relu mask) applied to the positive part."""
+    return Custom("guided_backprop", _guided)
+
+
+def pass_() -> Pass:
+    """Identity rule R_in = R_out (elementwise activations, normalisations treated as constant)."""
+    return Pass()
