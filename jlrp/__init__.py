@@ -7,12 +7,12 @@ Relevance rules are ``jax.custom_vjp`` backward passes that jlrp swaps into your
 values stay identical, so explanations are ordinary JAX functions (jit, vmap, sharding).
 """
 from jlrp import composites, rules
-from jlrp._src.api import LayerRelevance, Report, lrp, report, transform, vjp
+from jlrp._src.api import LayerRelevance, Report, lrp, register_rule, report, transform, vjp
 from jlrp._src.composites import Composite, module_path, param_path
 from jlrp._src.layers import LayerInfo, UnsupportedPrimitiveError
 
 __all__ = [
     "Composite", "LayerInfo", "LayerRelevance", "Report", "UnsupportedPrimitiveError", "composites", "lrp",
-    "module_path", "param_path", "report", "rules", "transform", "vjp",
+    "module_path", "param_path", "register_rule", "report", "rules", "transform", "vjp",
 ]
 __version__ = "0.1.0"

@@ -225,8 +225,27 @@ def test_wrong_argnums():
         jlrp.lrp(model.apply, argnums=2)(params, x)
     with pytest.raises(ValueError, match="argnums"):
         jlrp.lrp(model.apply, argnums="x")
-    with pytest.raises(ValueError, match="int(32|64).*floating-point"):
-        jlrp.lrp(lambda w, ids: w[ids].sum(-1), argnums=1)(jnp.ones((5, 2)), jnp.array([[1, 2]]))
+    with pytest.raises(ValueError, match="bool.*floating-point"):
+        jlrp.lrp(lambda w, m: (w * m).sum(-1), argnums=1)(jnp.ones((5, 2)), jnp.ones((5, 2), bool))
+
+
+def test_token_ids_get_relevance_at_the_embedding_output():
+    emb = jax.random.normal(jax.random.key(0), (10, 4))
+    w = jax.random.normal(jax.random.key(1), (4, 3))
+
+    def model(emb, ids):  # (batch, seq) ids -> (batch, 3) logits
+        return jnp.tanh(emb[ids]).sum(1) @ w
+
+    ids = jnp.array([[1, 2, 3], [4, 4, 9]])
+    composite = jlrp.Composite([("linear", jlrp.rules.zero()), ("sum", jlrp.rules.norm(1e-12))])
+    r = jlrp.lrp(model, composite, argnums=1)(emb, ids, target=2)
+    assert r.shape == ids.shape
+    # by hand: the dense layer's LRP-0 relevance of each token's embedding, summed over the embedding axis
+    h = jnp.tanh(emb[ids])
+    z = h.sum(1) @ w
+    expected = (h * w[:, 2]).sum(-1) * (z[:, 2] / z[:, 2])[:, None]
+    np.testing.assert_allclose(r, expected, rtol=1e-10)
+    np.testing.assert_allclose(r.sum(1), z[:, 2], rtol=1e-10)
 
 
 def test_unsupported_primitive_names_primitive_and_module():

@@ -25,13 +25,17 @@ def _check_args(args: tuple, argnums: tuple[int, ...], name: str) -> None:
         if not -len(args) <= a < len(args):
             raise ValueError(f"{name}: argnums={a} is out of range for a call with {len(args)} positional "
                              f"argument(s)")
+        ints = []
         for path, leaf in jax.tree_util.tree_leaves_with_path(args[a]):
             dtype = jnp.result_type(leaf)
-            if not jnp.issubdtype(dtype, jnp.inexact):
-                raise ValueError(
-                    f"{name}: the explained argument {a}{jax.tree_util.keystr(path)} has dtype {dtype}; "
-                    f"relevance needs floating-point inputs. For token ids, explain the embedding output "
-                    f"instead (pass the embedded sequence), or choose another argnums.")
+            if jnp.issubdtype(dtype, jnp.integer):
+                ints.append(jax.tree_util.keystr(path))
+            elif not jnp.issubdtype(dtype, jnp.inexact):
+                raise ValueError(f"{name}: the explained argument {a}{jax.tree_util.keystr(path)} has dtype "
+                                 f"{dtype}; relevance needs floating-point inputs or integer token ids.")
+        if len(ints) > 1:
+            raise ValueError(f"{name}: argument {a} holds several integer leaves ({', '.join(ints)}); explain "
+                             f"one array of token ids at a time")
 
 
 def _normalise(args: tuple, argnums: tuple[int, ...]) -> tuple[int, ...]:
@@ -105,20 +109,65 @@ def lrp(fn: Callable, composite: Composite | Any = None, *, argnums: int | Seque
     row, or None for the argmax) or ``relevance`` (a custom initial relevance with the output's shape), and
     returns relevance shaped like ``args[argnums]`` (a tuple for a tuple argnums). The initial relevance is
     the selected logit ``out * one_hot(target)``.
+
+    Integer token ids can be explained directly: their relevance is read at the embedding output (the first
+    floating-point values computed from the ids) and summed over the embedding axis, so it has the ids' shape.
     """
     transformed = transform(fn, composite, argnums=argnums)
     single = isinstance(argnums, int)
 
     def explain(*args, target: Any = None, relevance: Any = None, **kwargs):
-        _check_args(args, transformed.argnums, "jlrp.lrp")
-        nums = _normalise(args, transformed.argnums)
-        out, pullback = jax.vjp(lambda *xs: transformed(*_replace(args, nums, xs), **kwargs),
-                                *[args[a] for a in nums])
-        result = pullback(initial_relevance(_single_output(out), target, relevance))
-        return result[0] if single else result
+        return _explain(transformed, args, kwargs, target, relevance, single, report=False)
 
     explain.transformed = transformed  # type: ignore[attr-defined]
     return explain
+
+
+def _token_relevance(ids, root_cts: list) -> jax.Array:
+    """Sum the relevance at each embedding output over its axes beyond the ids' shape."""
+    shape = jnp.shape(ids)
+    total = jnp.zeros(shape, jnp.result_type(*root_cts) if root_cts else jnp.float32)
+    for ct in root_cts:
+        if ct.shape[:len(shape)] != shape:
+            raise ValueError(f"cannot map relevance at an embedding output of shape {ct.shape} back to token "
+                             f"ids of shape {shape}: explain the embedded sequence instead")
+        total = total + ct.reshape(shape + (-1,)).sum(-1)
+    return total
+
+
+def _explain(transformed: "_Transformed", args: tuple, kwargs: dict, target, relevance, single: bool,
+             report: bool):
+    _check_args(args, transformed.argnums, "jlrp")
+    nums = _normalise(args, transformed.argnums)
+    plan, _ = transformed.tracer(args).plan(args, kwargs)
+    probes = {f"root{k}": jnp.zeros(plan.graph.avals[v].shape, plan.graph.avals[v].dtype)
+              for k, v in enumerate(plan.roots)}
+    if report:
+        for l in plan.layers:
+            dtype = plan.graph.avals[l.output].dtype
+            probes[f"layer{l.info.index}"] = (jnp.zeros(l.info.output_shape, dtype),
+                                    jnp.zeros((), jnp.promote_types(dtype, jnp.float32)))
+
+    def f(xs, probes):
+        return transformed.call(_replace(args, nums, xs), kwargs, probes)[0]
+
+    out, pullback = jax.vjp(f, tuple(args[a] for a in nums), probes)
+    r0 = initial_relevance(_single_output(out), target, relevance)
+    r_in, probe_ct = pullback(r0)
+    roots = [probe_ct[f"root{k}"] for k in range(len(plan.roots))]
+
+    def fix(x, r):  # integer leaves: relevance of token ids, read at the embedding outputs
+        return _token_relevance(x, roots) if jnp.issubdtype(jnp.result_type(x), jnp.integer) else r
+
+    r_in = tuple(jax.tree.map(fix, args[a], r) for a, r in zip(nums, r_in))
+    r_in = r_in[0] if single else r_in
+    if not report:
+        return r_in
+    layers = []
+    for l in plan.layers:
+        r_out, absorbed = probe_ct[f"layer{l.info.index}"]
+        layers.append(LayerRelevance(r_out, jnp.sum(r_out), absorbed, l.info, repr(l.rule)))
+    return Report(r_in, out, r0, layers)
 
 
 def _single_output(out):
@@ -172,21 +221,27 @@ def report(fn: Callable, composite: Composite | Any = None, *, argnums: int | Se
     single = isinstance(argnums, int)
 
     def explain(*args, target: Any = None, relevance: Any = None, **kwargs) -> Report:
-        _check_args(args, transformed.argnums, "jlrp.report")
-        nums = _normalise(args, transformed.argnums)
-        plan, _ = transformed.tracer(args).plan(args, kwargs)
-        probes = {l.info.index: (jnp.zeros(l.info.output_shape, plan.graph.avals[l.output].dtype),
-                                 jnp.zeros((), jnp.promote_types(plan.graph.avals[l.output].dtype, jnp.float32)))
-                  for l in plan.layers}
+        return _explain(transformed, args, kwargs, target, relevance, single, report=True)
 
-        def f(xs, probes):
-            return transformed.call(_replace(args, nums, xs), kwargs, probes)[0]
-
-        out, pullback = jax.vjp(f, tuple(args[a] for a in nums), probes)
-        r0 = initial_relevance(_single_output(out), target, relevance)
-        r_in, probe_ct = pullback(r0)
-        layers = [LayerRelevance(probe_ct[l.info.index][0], jnp.sum(probe_ct[l.info.index][0]),
-                                 probe_ct[l.info.index][1], l.info, repr(l.rule)) for l in plan.layers]
-        return Report(r_in[0] if single else r_in, out, r0, layers)
-
+    explain.transformed = transformed  # type: ignore[attr-defined]
     return explain
+
+
+def register_rule(primitive: str, rule) -> None:
+    """Give every occurrence of ``primitive`` on the relevance path a rule (a layer of kind ``primitive``).
+
+    ``rule`` is any jlrp rule: a :class:`~jlrp.rules.Rule` (e.g. ``jlrp.rules.epsilon()`` for an op that is
+    linear in its explained operands: relevance split in proportion to each operand's contribution),
+    ``jlrp.rules.gradient()`` (keep the ordinary VJP), ``jlrp.rules.pass_()``, or a
+    :class:`~jlrp.rules.Custom` backward function. Composites can still override it by kind::
+
+        jlrp.register_rule("cumsum", jlrp.rules.norm())
+        jlrp.register_rule("sort", jlrp.rules.gradient())
+
+    Pass ``rule=None`` to remove a registration. Registrations apply to functions traced afterwards.
+    """
+    from .layers import REGISTRY
+    if rule is None:
+        REGISTRY.pop(primitive, None)
+    else:
+        REGISTRY[primitive] = rule

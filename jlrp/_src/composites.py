@@ -14,7 +14,7 @@ import re
 from typing import Callable, Sequence, Union
 
 from . import rules
-from .layers import LayerInfo
+from .layers import REGISTRY, LayerInfo
 
 Selector = Union[str, Callable[[LayerInfo], bool]]
 
@@ -26,9 +26,10 @@ DEFAULTS = {
     "add": rules.norm(),
     "product": rules.uniform(),
     "activation": rules.pass_(),
+    "max": rules.gradient(),
 }
 
-_KINDS = {"dense", "conv", "sum", "add", "product", "activation"}
+_KINDS = {"dense", "conv", "sum", "add", "product", "activation", "max", "scan", "cond"}
 
 
 def _match(selector: Selector, layer: LayerInfo) -> bool:
@@ -42,7 +43,7 @@ def _match(selector: Selector, layer: LayerInfo) -> bool:
         return layer.first
     if selector == "last":
         return layer.last
-    if selector in _KINDS:
+    if selector in _KINDS or selector in REGISTRY:
         return layer.kind == selector
     raise ValueError(f"unknown layer selector {selector!r}: use one of {sorted(_KINDS)}, 'linear', 'first', "
                      f"'last', '*', jlrp.param_path(...), jlrp.module_path(...) or a callable on LayerInfo")
@@ -83,7 +84,7 @@ class Composite:
                 _match(selector, _PROBE)  # fail early on a misspelt kind
 
     def resolve(self, layer: LayerInfo) -> rules.AnyRule:
-        rule = DEFAULTS.get(layer.kind, rules.gradient())
+        rule = REGISTRY.get(layer.kind) or DEFAULTS.get(layer.kind, rules.gradient())
         for selector, candidate in self.entries:
             if _match(selector, layer):
                 rule = candidate
@@ -102,7 +103,7 @@ def as_composite(composite) -> Composite:
         return epsilon_plus_flat()
     if isinstance(composite, Composite):
         return composite
-    if isinstance(composite, (rules.Rule, rules.Native, rules.Pass, rules.Custom)):
+    if isinstance(composite, (rules.Rule, rules.Native, rules.Pass, rules.Custom, rules.Product)):
         return Composite([("linear", composite)], name=repr(composite))
     raise TypeError(f"composite must be a jlrp Composite, a rule or None, got {type(composite).__name__}")
 

@@ -5,6 +5,7 @@ rewritten function returns exactly what the user's function returns; only its VJ
 """
 from __future__ import annotations
 
+import dataclasses
 import threading
 from typing import Any, Callable
 
@@ -15,7 +16,7 @@ from jax.extend import core as jcore
 
 from . import rules as R
 from .graph import Graph, Lit, flatten
-from .layers import Layer, Plan, _Analysis, _ids, fold_axes
+from .layers import RESHAPES, Layer, Plan, _Analysis, _ids, chain_axis_map, fold_axes, lin_scale_axes
 
 # -------------------------------------------------------------------------------------------------------
 # Tracing and its cache
@@ -60,13 +61,26 @@ class Tracer:
         self.trace_count += 1
         graph = flatten(closed)
         plan = _Analysis(graph, explained, paths).run()
-        for layer in plan.layers:
+        _number_globally(plan)
+        for layer in plan.all_layers():
             layer.rule = self.composite.resolve(layer.info)
         result = (plan, jax.tree_util.tree_structure(out_shape))
         if key is not None and not any(isinstance(c, jax.core.Tracer) for c in closed.consts):
             with self._lock:
                 self._cache[key] = result
         return result
+
+
+def _number_globally(plan: Plan) -> None:
+    """Number dense/conv layers over the whole program, loop bodies included, so 'first' means the first
+    dense-or-conv layer the input meets."""
+    layers = list(plan.all_layers())
+    linear = [l for l in layers if l.kind in ("dense", "conv")]
+    convs = [l for l in layers if l.kind == "conv"]
+    for l in layers:
+        l.info = dataclasses.replace(
+            l.info, linear_index=next((k for k, m in enumerate(linear) if m is l), None),
+            num_linear=len(linear), conv_index=next((k for k, m in enumerate(convs) if m is l), None))
 
 
 # -------------------------------------------------------------------------------------------------------
@@ -96,29 +110,35 @@ def _to_rank(c, ndim: int):
 
 
 def _canonical_linear(graph: Graph, layer: Layer, x, consts):
-    """``out = A * T(lin(x; W)) + B`` -> (op, W * A folded, B): BatchNorm and bias merged into the layer."""
+    """``out = A * P(lin(x; W)) + B`` -> (op, W with A folded in, B): bias and BatchNorm merged into the
+    layer. P is the chain's structural ops (transposes, singleton reshapes); A varies only along axes that
+    come from the weight (checked by the analysis), so ``A * lin(x; W) = lin(x; W * A)``."""
     env = dict(zip(layer.consts, consts))
     read = lambda a: a.val if isinstance(a, Lit) else env[a]
     head = graph.nodes[layer.nodes[0]]
     pos = head.inputs.index(layer.inputs[0])
     weight = read(head.inputs[1 - pos])
-    out_ndim = len(graph.avals[head.outputs[0]].shape)
-    scale, bias, perm = None, None, tuple(range(out_ndim))
-    z = head.outputs[0]
+    shape = tuple(graph.avals[head.outputs[0]].shape)
+    fold = fold_axes(head, pos, weight.ndim, len(shape))
+    axis_map = list(range(len(shape)))
+    scale, bias, post, z = None, None, [], head.outputs[0]
     for n in layer.nodes[1:]:
         node = graph.nodes[n]
         name = node.prim.name
-        if name == "transpose":
-            p = tuple(node.params["permutation"])
-            perm = tuple(perm[k] for k in p)
-            scale = None if scale is None else jnp.transpose(scale, p)
-            bias = None if bias is None else jnp.transpose(bias, p)
+        new_shape = tuple(graph.avals[node.outputs[0]].shape)
+        if name in RESHAPES:
+            axis_map = chain_axis_map(axis_map, name, node.params, shape, new_shape)
+            post.append(node)
+            move = (lambda a, node=node: node.bind(a)[0]) if name == "transpose" else \
+                (lambda a, s=shape, t=new_shape: jnp.reshape(jnp.broadcast_to(a, s), t))
+            scale = None if scale is None else move(_to_rank(scale, len(shape)))
+            bias = None if bias is None else move(_to_rank(bias, len(shape)))
         elif name == "neg":
             scale = -1.0 if scale is None else -scale
             bias = None if bias is None else -bias
         else:
             z_first = node.inputs[0] == z
-            c = _to_rank(read(node.inputs[1] if z_first else node.inputs[0]), out_ndim)
+            c = _to_rank(read(node.inputs[1] if z_first else node.inputs[0]), len(shape))
             if name == "add":
                 bias = c if bias is None else bias + c
             elif name == "sub" and z_first:
@@ -132,52 +152,86 @@ def _canonical_linear(graph: Graph, layer: Layer, x, consts):
             else:  # div (z / c)
                 scale = 1.0 / c if scale is None else scale / c
                 bias = None if bias is None else bias / c
-        z = node.outputs[0]
+        z, shape = node.outputs[0], new_shape
     if scale is not None:
-        scale = _to_rank(scale, out_ndim)
-        scale = jnp.transpose(scale, np.argsort(perm))  # back to lin's output layout
-        axes = fold_axes(head, pos, weight.ndim, out_ndim)
-        keep = sorted(axes)
-        w_shape = [1] * weight.ndim
-        for k in keep:
-            w_shape[axes[k]] = scale.shape[k]
-        s = scale.reshape([scale.shape[k] for k in keep])
-        s = jnp.transpose(s, np.argsort([axes[k] for k in keep])).reshape(w_shape)
-        weight = weight * s.astype(weight.dtype)
-    transposed = perm != tuple(range(out_ndim))
+        weight = weight * _scale_in_weight_layout(_to_rank(scale, len(shape)), axis_map, fold, weight.ndim)
 
     def op(x, w):
-        args = (x, w) if pos == 0 else (w, x)
-        out = head.bind(*args)[0]
-        return jnp.transpose(out, perm) if transposed else out
+        out = head.bind(*((x, w) if pos == 0 else (w, x)))[0]
+        for node in post:
+            out = node.bind(out)[0]
+        return out
 
     return op, weight, bias
+
+
+def _scale_in_weight_layout(scale, axis_map, fold, w_ndim):
+    """Reshape a per-output scale (constant along axes the weight lacks) to broadcast against the weight."""
+    axes = lin_scale_axes(tuple(int(n) for n in np.shape(scale)), axis_map, fold)
+    if not axes:  # a scalar factor
+        return jnp.reshape(scale, (1,) * w_ndim)
+    varying = [k for k, n in enumerate(scale.shape) if n != 1]
+    values = scale.reshape([scale.shape[k] for k in varying])
+    values = jnp.transpose(values, np.argsort(axes))
+    w_shape = [1] * w_ndim
+    for k, a in zip(varying, axes):
+        w_shape[a] = scale.shape[k]
+    return values.reshape(w_shape)
 
 
 def _rule_backward(graph: Graph, layer: Layer, xs, consts, out, relevance):
     """R_in for each explained input of ``layer``, and the relevance it absorbs."""
     rule = layer.rule
+    absorbed = None
     if isinstance(rule, R.Rule):
         if layer.kind in ("dense", "conv"):
             op, weight, bias = _canonical_linear(graph, layer, xs[0], consts)
+        elif layer.kind == "max":  # a rule on max pooling: propagate as if it were sum pooling
+            node = graph.nodes[layer.nodes[0]]
+            summing = _SUM_OF[node.prim.name]
+            op = lambda x, w: summing.bind(x, **summing.get_bind_params(node.params))
+            weight = bias = None
         else:
             op = lambda *a: _replay(graph, layer, a[:-1], consts)
             weight = bias = None
         r_in, absorbed = R.propagate(rule, op, xs, weight, bias, relevance, out, layer.degree)
+    elif isinstance(rule, R.Product):
+        r_in = _product_backward(graph, layer, rule, xs, consts, out, relevance)
     elif isinstance(rule, R.Pass):
         r_in = tuple(_reduce_to(relevance, x) / len(xs) for x in xs)
-        absorbed = None
     elif isinstance(rule, R.Custom):
         r_in = tuple(rule.backward(lambda *a: _replay(graph, layer, a, consts), tuple(xs), out, relevance))
-        absorbed = None
     else:  # Native, only reached when reporting
         _, pullback = jax.vjp(lambda *a: _replay(graph, layer, a, consts), *xs)
         r_in = pullback(relevance)
-        absorbed = None
     r_in = tuple(r.astype(x.dtype) for r, x in zip(r_in, xs))
     if absorbed is None:
         absorbed = jnp.sum(relevance.astype(jnp.float32)) - sum(jnp.sum(r.astype(jnp.float32)) for r in r_in)
     return r_in, absorbed
+
+
+_SUM_OF = {"reduce_max": jax.lax.reduce_sum_p, "reduce_window_max": jax.lax.reduce_window_sum_p,
+           "reduce_min": jax.lax.reduce_sum_p, "reduce_window_min": jax.lax.reduce_window_sum_p}
+
+
+def _product_backward(graph, layer, rule, xs, consts, out, relevance):
+    """Products of activations: constant-origin operands get nothing, the others share uniformly."""
+    live = [k for k, o in enumerate(layer.origins) if o not in rule.constant]
+    if not live or len(live) == len(xs):
+        live = list(range(len(xs)))
+
+    def op(*a):
+        full = list(xs)
+        for k, v in zip(live, a[:-1]):
+            full[k] = v
+        return _replay(graph, layer, full, consts)
+
+    epsilon = R.epsilon(rule.stabilizer)
+    r_live, _ = R.propagate(epsilon, op, [xs[k] for k in live], None, None, relevance, out, len(live))
+    r_in = [jnp.zeros_like(x) for x in xs]
+    for k, r in zip(live, r_live):
+        r_in[k] = r
+    return tuple(r_in)
 
 
 def _reduce_to(r, x):
@@ -208,13 +262,33 @@ def _emit(graph: Graph, layer: Layer, xs, consts, probe):
     return f(tuple(xs), tuple(consts), probe)
 
 
+def _control_flow(layer: Layer, node, vals: list) -> list:
+    """Run scan / cond with their bodies rewritten (each body is an analysed plan of its own)."""
+    if node.prim.name == "scan":
+        p = node.params
+        nc, ncar = p["num_consts"], p["num_carry"]
+        consts, init, xs = vals[:nc], vals[nc:nc + ncar], vals[nc + ncar:]
+
+        def step(carry, x):
+            outs = run(layer.body[0], list(consts) + list(carry) + list(x))
+            return outs[:ncar], outs[ncar:]
+
+        carry, ys = jax.lax.scan(step, list(init), list(xs), length=p["length"], reverse=p["reverse"],
+                                 unroll=p["unroll"])
+        return list(carry) + list(ys)
+    branches = [lambda *ops, body=body: run(body, list(ops)) for body in layer.body]
+    return list(jax.lax.switch(vals[0], branches, *vals[1:]))
+
+
 def run(plan: Plan, flat_args: list, probes: dict | None = None) -> list:
     """Evaluate the plan's graph on ``flat_args``; layers carry their rules in the VJP.
 
-    ``probes`` maps a layer index to zero arrays ``(like output, scalar)`` whose cotangents become that
-    layer's relevance and absorbed share (the conservation report).
+    ``probes`` maps ``f"layer{index}"`` to zero arrays ``(like output, scalar)`` whose cotangents become
+    that layer's relevance and absorbed share (the conservation report), and ``f"root{k}"`` to a zero array
+    added to the k-th embedding root (relevance of explained token ids is read there).
     """
     g = plan.graph
+    probes = probes or {}
     env: dict[int, Any] = dict(zip(g.inputs, flat_args))
     env.update(g.consts)
     read = lambda a: a.val if isinstance(a, Lit) else env[a]
@@ -225,6 +299,7 @@ def run(plan: Plan, flat_args: list, probes: dict | None = None) -> list:
         else:
             env.update(zip(node.outputs, node.bind(*map(read, node.inputs))))
     internal: dict[int, Any] = {}  # region values computed from stopped roots (non-differentiable)
+    roots = {v: k for k, v in enumerate(plan.roots)}
     for i in deferred:
         node = g.nodes[i]
         layer = plan.emit_at.get(i)
@@ -235,12 +310,23 @@ def run(plan: Plan, flat_args: list, probes: dict | None = None) -> list:
             outs = node.bind(*vals)
             internal.update(zip(node.outputs, outs))
             env.update(zip(node.outputs, outs))
+        elif layer is not None and layer.body is not None:
+            env.update(zip(node.outputs, _control_flow(layer, node, [read(a) for a in node.inputs])))
+            continue
         elif i in plan.skip and layer is None:
             continue
         elif layer is None:
             env.update(zip(node.outputs, node.bind(*map(read, node.inputs))))
+            for v in node.outputs:
+                if v in roots and f"root{roots[v]}" in probes:
+                    env[v] = env[v] + probes[f"root{roots[v]}"]
         if layer is not None:
-            probe = None if probes is None else probes.get(layer.info.index)
-            env[layer.output] = _emit(g, layer, [env[v] for v in layer.inputs],
-                                      [read(v) for v in layer.consts], probe)
-    return [read(v) for v in g.outputs]
+            # statistics an activation treats as constants (1/std, softmax's sum) must not carry relevance
+            consts = [jax.lax.stop_gradient(env[v]) if v in plan.active else read(v) for v in layer.consts]
+            env[layer.output] = _emit(g, layer, [env[v] for v in layer.inputs], consts,
+                                      probes.get(f"layer{layer.info.index}"))
+    return [jnp.asarray(v.val, g_dtype(v)) if isinstance(v, Lit) else env[v] for v in g.outputs]
+
+
+def g_dtype(lit: Lit):
+    return getattr(lit.val, "dtype", None)

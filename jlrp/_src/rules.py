@@ -119,7 +119,7 @@ class Custom:
         return self.name
 
 
-AnyRule = Rule | Native | Pass | Custom
+AnyRule = Rule | Native | Pass | Custom  # (and Product, defined below, for products of activations)
 
 
 def _select(z: Array, select: str | None) -> Array | float:
@@ -265,12 +265,36 @@ def gradient() -> Native:
     return Native()
 
 
-def uniform(stabilizer: float = 1e-6) -> Rule:
-    """Products of n activations (attention's q.k and a.v, gates): each factor gets 1/n of the relevance.
+@dataclasses.dataclass(frozen=True)
+class Product:
+    """Rule for a product of activations: operands whose origin is in ``constant`` are treated as constants
+    (they get no relevance); the others share it uniformly (epsilon rule divided by their number).
 
-    The epsilon rule divided by the product's degree (AttnLRP's uniform rule).
+    Origins: 'sigmoid' (a gate), 'softmax' (attention weights), '' (anything else). When every operand
+    or none would be constant, all share uniformly.
     """
-    return dataclasses.replace(epsilon(stabilizer), name="uniform")
+    name: str
+    constant: frozenset[str] = frozenset()
+    stabilizer: float = 1e-6
+
+    def __repr__(self) -> str:
+        return self.name
+
+
+def uniform(stabilizer: float = 1e-6, *, gates: bool = True) -> Product:
+    """Products of n activations (q.k, attention.v): each factor gets 1/n of the relevance (AttnLRP).
+
+    With ``gates=True`` a sigmoid gate times a signal (LSTM, GRU, GLU) gives all relevance to the signal
+    and none to the gate (the LSTM-LRP convention); ``gates=False`` splits those uniformly too.
+    """
+    return Product("uniform" if gates else "uniform(gates=False)",
+                   frozenset({"sigmoid"}) if gates else frozenset(), stabilizer)
+
+
+def cp(stabilizer: float = 1e-6) -> Product:
+    """Conservative propagation (CP-LRP, Ali et al. 2022): attention weights (softmax outputs) and gates are
+    constants, so relevance flows only along the value path."""
+    return Product("cp", frozenset({"sigmoid", "softmax"}), stabilizer)
 
 
 def _positive_part(forward, xs, out, relevance):
