@@ -5,6 +5,7 @@ rewritten function returns exactly what the user's function returns; only its VJ
 """
 from __future__ import annotations
 
+import contextvars
 import dataclasses
 import threading
 from typing import Any, Callable
@@ -194,7 +195,14 @@ def _rule_backward(graph: Graph, layer: Layer, xs, consts, out, relevance):
         else:
             op = lambda *a: _replay(graph, layer, a[:-1], consts)
             weight = bias = None
-        r_in, absorbed = R.propagate(rule, op, xs, weight, bias, relevance, out, layer.degree)
+        r_in, absorbed = R.propagate(rule, op, xs, weight, bias, relevance, out, layer.degree, layer.nonneg,
+                                     z_is_op=layer.kind != "max")
+    elif isinstance(rule, R.Substitute):
+        if layer.kind not in ("dense", "conv"):
+            raise TypeError(f"rule {rule!r} substitutes weights: it applies to dense and conv layers only")
+        op, weight, _ = _canonical_linear(graph, layer, xs[0], consts)
+        _, pullback = jax.vjp(lambda x: op(x, rule.weight(weight).astype(x.dtype)), xs[0])
+        r_in = pullback(relevance.astype(out.dtype))
     elif isinstance(rule, R.Product):
         r_in = _product_backward(graph, layer, rule, xs, consts, out, relevance)
     elif isinstance(rule, R.Pass):
@@ -240,7 +248,16 @@ def _reduce_to(r, x):
     return jnp.sum(r, axis=axes, keepdims=True) if axes else r
 
 
+#: When set, called as ``tap(info, x, op, weight, bias, out)`` for every dense/conv layer as it runs, with the
+#: canonized weight and bias (BatchNorm folded in): PatternNet gathers its statistics this way.
+TAP: contextvars.ContextVar = contextvars.ContextVar("jlrp_tap", default=None)
+
+
 def _emit(graph: Graph, layer: Layer, xs, consts, probe):
+    tap = TAP.get()
+    if tap is not None and layer.kind in ("dense", "conv"):
+        op, weight, bias = _canonical_linear(graph, layer, xs[0], consts)
+        tap(layer.info, xs[0], op, weight, bias, _replay(graph, layer, xs, consts))
     if isinstance(layer.rule, R.Native) and probe is None:
         return _replay(graph, layer, xs, consts)
 

@@ -52,6 +52,10 @@ NORMALISING = {"add", "sub", "mul", "div"}  # ops where a broadcast statistic is
 RESHAPES = {"transpose", "reshape", "squeeze", "expand_dims"}
 AFFINE_CHAIN = {"add", "sub", "mul", "div", "neg"} | RESHAPES
 CONTROL = {"scan", "cond"}
+NONNEG_PRESERVING = {"reshape", "transpose", "broadcast_in_dim", "squeeze", "expand_dims", "slice", "dynamic_slice",
+                     "gather", "rev", "copy", "copy_p", "convert_element_type", "reduce_precision", "reduce_max",
+                     "reduce_min", "reduce_window_max", "reduce_window_min", "reduce_sum", "reduce_window_sum",
+                     "cumsum", "cummax", "cummin", "pad", "concatenate", "select_n", "add", "mul", "min"}
 MARKERS = {"exp", "logistic", "tanh"}
 
 #: User-registered rules by primitive name (see ``jlrp.register_rule``).
@@ -117,6 +121,7 @@ class Layer:
     degree: int = 1
     origins: tuple[str, ...] = ()
     consts: list[int] = dataclasses.field(default_factory=list)  # other value ids the nodes read
+    nonneg: tuple[bool, ...] = ()  # per input: known to be >= 0 (e.g. after a relu)
     info: LayerInfo | None = None
     rule: Any = None
     body: Any = None  # control flow: the analysed sub-plan(s)
@@ -197,6 +202,38 @@ class _Analysis:
                 self.active.update(floats)  # e.g. an embedding lookup of explained token ids
                 self.roots.extend(floats)
         self.graph_outputs = {v for v in graph.outputs if not isinstance(v, Lit)}
+        self.nonneg = self._nonnegative()
+
+    def _nonnegative(self) -> set[int]:
+        """Active values provably >= 0 (relu outputs and what pooling/reshaping makes of them): the x- terms
+        of sign-splitting rules (z+, alpha-beta, gamma) vanish on them and are skipped."""
+        known: set[int] = set()
+
+        def ok(a) -> bool:
+            if isinstance(a, Lit):
+                return bool(np.all(np.asarray(a.val) >= 0))
+            return a in known or not _inexact(self.g.avals[a])
+
+        for node in self.g.nodes:
+            outs = [v for v in node.outputs if v in self.active]
+            if not outs:
+                continue
+            name, ins = node.prim.name, node.inputs
+            if name in ("abs", "exp", "exp2", "logistic", "sqrt", "rsqrt", "square"):
+                positive = True
+            elif name == "integer_pow":
+                positive = node.params["y"] % 2 == 0
+            elif name == "max":
+                positive = any(ok(a) for a in ins)
+            elif name == "div":
+                positive = ok(ins[0]) and isinstance(ins[1], Lit) and bool(np.all(np.asarray(ins[1].val) > 0))
+            elif name in NONNEG_PRESERVING:
+                positive = all(ok(a) for a in ins if isinstance(a, Lit) or a in self.active)
+            else:
+                positive = False
+            if positive:
+                known.update(outs)
+        return known
 
     # -- helpers -------------------------------------------------------------------------------------------
     def active_inputs(self, node: Node) -> list[int]:
@@ -260,6 +297,23 @@ class _Analysis:
         claimed.update(nodes)
         return Layer("dense" if head.prim.name == "dot_general" else "conv", nodes, [x], out)
 
+    def sum_layer(self, i: int, act: list[int], claimed: set[int]) -> Layer:
+        """A sum (pooling, reduction) and the scalar scales after it: average pooling is one layer, so the
+        norm rule's stabilizer acts on the average (as Zennit's Norm on AvgPool does)."""
+        nodes, out = [i], self.g.nodes[i].outputs[0]
+        while (j := self.sole_consumer(out)) is not None:
+            node = self.g.nodes[j]
+            other = [a for a in node.inputs if a != out]
+            if (node.prim.name not in ("mul", "div") or len(other) != 1
+                    or (not isinstance(other[0], Lit) and other[0] in self.active)
+                    or (node.prim.name == "div" and node.inputs[0] != out)
+                    or int(np.prod(_shape(self.g, other[0]), dtype=np.int64)) != 1):
+                break
+            nodes.append(j)
+            out = node.outputs[0]
+        claimed.update(nodes)
+        return Layer("sum", nodes, act, out)
+
     # -- elementwise regions ---------------------------------------------------------------------------
     def _region_root(self, node: Node, act: list[int], root: dict[int, int]) -> tuple[int | None, list[int]]:
         """The root if ``node`` extends an elementwise region, and the statistics it treats as constants."""
@@ -315,7 +369,7 @@ class _Analysis:
                 origins = tuple(self._origin(markers.get(v, frozenset())) for v in act)
                 layer = Layer("product", [i], act, outs[0], degree=len(act), origins=origins)
             elif name in SUMS:
-                layer = Layer("sum", [i], act, outs[0])
+                layer = self.sum_layer(i, act, claimed)
             elif name in MAXES and len(act) == 1:
                 layer = Layer("max", [i], act, outs[0])
             elif name in ADDITIVE:
@@ -393,6 +447,7 @@ class _Analysis:
             produced = {v for n in layer.nodes for v in self.g.nodes[n].outputs}
             layer.consts = sorted({v for n in layer.nodes for v in _ids(self.g.nodes[n])
                                    if v not in produced and v not in layer.inputs})
+            layer.nonneg = tuple(v in self.nonneg for v in layer.inputs)
             params = sorted(set().union(*(self.provenance.get(v, frozenset()) for v in layer.consts
                                           if v not in self.active)))
             layer.info = LayerInfo(

@@ -122,14 +122,35 @@ class Custom:
 AnyRule = Rule | Native | Pass | Custom  # (and Product, defined below, for products of activations)
 
 
+@dataclasses.dataclass(frozen=True, eq=False)
+class Substitute:
+    """Gradient with the layer's (canonized) weight replaced: ``R_in = VJP of x -> op(x; weight(W)) at R``.
+
+    PatternNet (weight -> pattern) and PatternAttribution (weight -> weight * pattern) are of this form.
+    """
+    name: str
+    weight: Callable[[Array], Array]
+
+    def __repr__(self) -> str:
+        return self.name
+
+
 def _select(z: Array, select: str | None) -> Array | float:
     if select is None:
         return 1.0
     return (z > 0 if select == "positive" else z < 0).astype(z.dtype)
 
 
+def _on_known_sign(modifier: Modifier, nonneg: bool) -> Modifier | None:
+    """Simplify an input modifier for an input known to be >= 0 (after a relu): x- is zero (None), x+ is x."""
+    if not nonneg:
+        return modifier
+    return None if modifier is _negative else _identity if modifier is _positive else modifier
+
+
 def propagate(rule: Rule, op: Callable[..., Array], xs: Sequence[Array], weight: Any, bias: Any,
-              relevance: Array, z: Array, degree: int = 1) -> tuple[tuple[Array, ...], Array]:
+              relevance: Array, z: Array, degree: int = 1,
+              nonneg: Sequence[bool] | None = None, z_is_op: bool = True) -> tuple[tuple[Array, ...], Array]:
     """Apply ``rule`` to one layer.
 
     Args:
@@ -137,11 +158,18 @@ def propagate(rule: Rule, op: Callable[..., Array], xs: Sequence[Array], weight:
       xs: the layer's active inputs. weight: its (canonized) parameters, or None for parameter-free ops.
       bias: the effective bias in output space (broadcastable to z), or None.
       relevance: R_out, shape of z. z: the layer's unmodified output (for ``Group.select``).
+      nonneg: per input, whether it is known to be >= 0 (terms on its negative part vanish exactly).
+      z_is_op: whether ``z == op(*xs, weight) + bias`` (False when the rule propagates through a stand-in
+        op, e.g. max pooling treated as sum pooling), so that unmodified terms may reuse z.
 
     Returns:
       (R_in for each of xs, absorbed), where ``absorbed = sum(R_out) - sum(R_in)`` is computed from the
       denominators (the bias and stabilizer share), not from R_in, so it checks the propagation.
+
+    Cost: one modified forward and one VJP per term; a term that leaves input and weight unchanged reuses
+    the layer's own output instead of recomputing it (under jit the unused forward is dead code).
     """
+    reuse = z_is_op and jnp.finfo(z.dtype).bits >= 32  # z - b is exact enough; in bf16, recompute in f32
     dtype = jnp.promote_types(relevance.dtype, jnp.float32)  # epsilon vanishes in bf16
     xs = tuple(x.astype(dtype) for x in xs)
     relevance = relevance.astype(dtype)
@@ -150,25 +178,34 @@ def propagate(rule: Rule, op: Callable[..., Array], xs: Sequence[Array], weight:
         weight = jax.tree.map(lambda w: w.astype(dtype), weight)
     if bias is not None:
         bias = bias.astype(dtype)
+    nonneg = tuple(nonneg) if nonneg is not None else (False,) * len(xs)
 
     r_in = [jnp.zeros_like(x) for x in xs]
     explained = jnp.zeros((), dtype)  # relevance that reaches the inputs
     for group in rule.groups:
-        outs, pullbacks, inputs = [], [], []
+        terms, outs, pullbacks, inputs = [], [], [], []
         for term in group.terms:
-            x_k = tuple(term.input(x) for x in xs)
+            mods = [_on_known_sign(term.input, n) for n in nonneg]
+            if any(m is None for m in mods):
+                continue  # an input factor is exactly zero: so are z_k and its relevance
+            x_k = tuple(m(x) for m, x in zip(mods, xs))
             w_k = None if weight is None else jax.tree.map(term.weight, weight)
             z_k, pullback = jax.vjp(lambda *a, w_k=w_k: op(*a, w_k), *x_k)
+            if reuse and term.weight is _identity and all(m is _identity for m in mods):
+                z_k = z if bias is None else z - bias  # the layer's own output, already computed
+            terms.append(term)
             outs.append(z_k)
             pullbacks.append(pullback)
             inputs.append(x_k)
-        x_part = sum(t.sign * z_k for t, z_k in zip(group.terms, outs))
+        if not terms:
+            continue
+        x_part = sum(t.sign * z_k for t, z_k in zip(terms, outs))
         b_part = 0.0
         if bias is not None:
-            b_part = sum(t.sign * t.bias(bias) for t in group.terms)
+            b_part = sum(t.sign * t.bias(bias) for t in terms)
         denominator = stabilize(x_part + b_part, rule.stabilizer)
         signal = group.coefficient * _select(z, group.select) * relevance / denominator
-        for term, x_k, pullback in zip(group.terms, inputs, pullbacks):
+        for term, x_k, pullback in zip(terms, inputs, pullbacks):
             for i, (x, ct) in enumerate(zip(x_k, pullback(signal))):
                 r_in[i] = r_in[i] + (term.sign / degree) * x * ct
         explained = explained + jnp.sum(signal * x_part)
