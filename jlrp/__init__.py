@@ -5,14 +5,21 @@
 
 Relevance rules are ``jax.custom_vjp`` backward passes that jlrp swaps into your model's jaxpr; the forward
 values stay identical, so explanations are ordinary JAX functions (jit, vmap, sharding).
+
+Modules: :mod:`jlrp.rules`, :mod:`jlrp.composites`, :mod:`jlrp.evaluation`, :mod:`jlrp.image`,
+:mod:`jlrp.datasets`, :mod:`jlrp.svm`.
 """
-from jlrp import composites, rules
-from jlrp._src.api import LayerRelevance, Report, lrp, register_rule, report, transform, vjp
+from jlrp import composites, datasets, evaluation, image, rules, svm
+from jlrp._src.api import (LayerRelevance, Report, deconvnet, guided_backprop, lrp, register_rule, report,
+                           transform, vjp)
+from jlrp._src.attribution import gradient, input_x_gradient, integrated_gradients, occlusion, smoothgrad
 from jlrp._src.composites import Composite, module_path, param_path
 from jlrp._src.layers import LayerInfo, UnsupportedPrimitiveError
 
 __all__ = [
-    "Composite", "LayerInfo", "LayerRelevance", "Report", "UnsupportedPrimitiveError", "composites", "lrp",
-    "module_path", "param_path", "register_rule", "report", "rules", "transform", "vjp",
+    "Composite", "LayerInfo", "LayerRelevance", "Report", "UnsupportedPrimitiveError", "composites", "datasets",
+    "deconvnet", "evaluation", "gradient", "guided_backprop", "image", "input_x_gradient",
+    "integrated_gradients", "lrp", "module_path", "occlusion", "param_path", "register_rule", "report", "rules",
+    "smoothgrad", "svm", "transform", "vjp",
 ]
 __version__ = "0.1.0"

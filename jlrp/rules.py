@@ -6,10 +6,10 @@ pooling), :func:`uniform` (products of activations), :func:`pass_` (activations)
 the ordinary VJP), :func:`deconvnet` and :func:`guided_backprop` (activation rules). Write your own with
 :class:`Rule`/:class:`Group`/:class:`Term`, or :class:`Custom` for an arbitrary backward function.
 """
-from jlrp._src.rules import (Custom, Group, Native, Pass, Product, Rule, Term, alpha_beta, cp, deconvnet, epsilon, flat,
+from jlrp._src.rules import (Custom, Group, Native, Pass, Product, Rule, Substitute, Term, alpha_beta, cp, deconvnet, epsilon, flat,
                              gamma, gradient, guided_backprop, norm, pass_, propagate, stabilize, uniform,
                              wsquare, zbox, zero, zplus)
 
-__all__ = ["Custom", "Group", "Native", "Pass", "Product", "Rule", "Term", "alpha_beta", "cp", "deconvnet", "epsilon", "flat",
+__all__ = ["Custom", "Group", "Native", "Pass", "Product", "Rule", "Substitute", "Term", "alpha_beta", "cp", "deconvnet", "epsilon", "flat",
            "gamma", "gradient", "guided_backprop", "norm", "pass_", "propagate", "stabilize", "uniform",
            "wsquare", "zbox", "zero", "zplus"]

@@ -7,10 +7,11 @@ from typing import Any, Callable, Sequence
 import jax
 import jax.numpy as jnp
 
-from .composites import Composite, as_composite
+from . import rules
+from .composites import Composite, as_composite, gradient_composite
 from .interpreter import Tracer, run
 from .layers import LayerInfo
-from .targets import initial_relevance
+from .targets import initial_relevance, target_mask
 
 
 def _argnums_tuple(argnums: int | Sequence[int]) -> tuple[int, ...]:
@@ -136,7 +137,7 @@ def _token_relevance(ids, root_cts: list) -> jax.Array:
 
 
 def _explain(transformed: "_Transformed", args: tuple, kwargs: dict, target, relevance, single: bool,
-             report: bool):
+             report: bool, seed: str = "logit"):
     _check_args(args, transformed.argnums, "jlrp")
     nums = _normalise(args, transformed.argnums)
     plan, _ = transformed.tracer(args).plan(args, kwargs)
@@ -152,7 +153,10 @@ def _explain(transformed: "_Transformed", args: tuple, kwargs: dict, target, rel
         return transformed.call(_replace(args, nums, xs), kwargs, probes)[0]
 
     out, pullback = jax.vjp(f, tuple(args[a] for a in nums), probes)
-    r0 = initial_relevance(_single_output(out), target, relevance)
+    if seed == "mask" and relevance is None:  # gradient-type methods: d f_target / d x
+        r0 = target_mask(_single_output(out), target)
+    else:
+        r0 = initial_relevance(_single_output(out), target, relevance)
     r_in, probe_ct = pullback(r0)
     roots = [probe_ct[f"root{k}"] for k in range(len(plan.roots))]
 
@@ -225,6 +229,33 @@ def report(fn: Callable, composite: Composite | Any = None, *, argnums: int | Se
 
     explain.transformed = transformed  # type: ignore[attr-defined]
     return explain
+
+
+def _modified_gradient(activation_rule, name: str, doc: str):
+    def method(fn: Callable, *, argnums: int | Sequence[int] = 0) -> Callable:
+        transformed = transform(fn, gradient_composite(activation_rule, name), argnums=argnums)
+        single = isinstance(argnums, int)
+
+        def explain(*args, target: Any = None, relevance: Any = None, **kwargs):
+            return _explain(transformed, args, kwargs, target, relevance, single, report=False, seed="mask")
+
+        return explain
+
+    method.__name__ = method.__qualname__ = name
+    method.__doc__ = doc + """
+
+    Same calling convention as :func:`jlrp.lrp`: ``explain(*args, target=None, relevance=None)``; the
+    backward pass starts from the one-hot target (a gradient, not the logit), and runs through the same
+    interpreter, so it works on every model the LRP transform handles.
+    """
+    return method
+
+
+deconvnet = _modified_gradient(rules.deconvnet(), "deconvnet", "DeconvNet (Zeiler & Fergus 2014): the gradient, "
+                               "except that activations pass only positive signal and ignore the forward mask.")
+guided_backprop = _modified_gradient(rules.guided_backprop(), "guided_backprop",
+                                     "Guided BackProp (Springenberg et al. 2015): the gradient, with the "
+                                     "forward relu mask AND only positive backward signal at every activation.")
 
 
 def register_rule(primitive: str, rule) -> None:
