@@ -27,20 +27,33 @@ Array = jax.Array
 Modifier = Callable[[Array], Array]
 
 
-def _identity(a: Array) -> Array:
-    return a
+@dataclasses.dataclass(frozen=True)
+class Affine:
+    """The modifier ``a -> c0 * a + c1 * max(a, 0)``: identity, a+, a- = a - a+, W + g W+, zero, ...
+
+    Written this way, every sign-splitting rule is a linear combination over the basis {x, x+} x {W, W+},
+    so its terms can share forward passes (op(x, W) is the layer's own output) and VJPs.
+    """
+    c0: float
+    c1: float
+
+    def __call__(self, a: Array) -> Array:
+        out = 0.0
+        if self.c0:
+            out = self.c0 * a
+        if self.c1:
+            out = out + self.c1 * jnp.maximum(a, 0)
+        return out if self.c0 or self.c1 else jnp.zeros_like(a)
+
+    def coefficients(self, nonneg: bool = False) -> tuple[float, float]:
+        """(c0, c1); for an argument known to be >= 0 (a+ = a) all weight moves to c0."""
+        return (self.c0 + self.c1, 0.0) if nonneg else (self.c0, self.c1)
 
 
-def _positive(a: Array) -> Array:
-    return jnp.maximum(a, 0)
-
-
-def _negative(a: Array) -> Array:
-    return jnp.minimum(a, 0)
-
-
-def _zero(a: Array) -> Array:
-    return jnp.zeros_like(a)
+_identity = Affine(1.0, 0.0)
+_positive = Affine(0.0, 1.0)
+_negative = Affine(1.0, -1.0)  # min(a, 0) = a - max(a, 0)
+_zero = Affine(0.0, 0.0)
 
 
 def _ones(a: Array) -> Array:
@@ -143,9 +156,10 @@ def _select(z: Array, select: str | None) -> Array | float:
 
 def _on_known_sign(modifier: Modifier, nonneg: bool) -> Modifier | None:
     """Simplify an input modifier for an input known to be >= 0 (after a relu): x- is zero (None), x+ is x."""
-    if not nonneg:
+    if not nonneg or not isinstance(modifier, Affine):
         return modifier
-    return None if modifier is _negative else _identity if modifier is _positive else modifier
+    c0, _ = modifier.coefficients(True)
+    return None if c0 == 0 else _identity if c0 == 1 else Affine(c0, 0.0)
 
 
 def propagate(rule: Rule, op: Callable[..., Array], xs: Sequence[Array], weight: Any, bias: Any,
@@ -180,6 +194,9 @@ def propagate(rule: Rule, op: Callable[..., Array], xs: Sequence[Array], weight:
         bias = bias.astype(dtype)
     nonneg = tuple(nonneg) if nonneg is not None else (False,) * len(xs)
 
+    plan = _shared_plan(rule, len(xs), weight, nonneg, reuse)
+    if plan is not None:
+        return _propagate_shared(rule, plan, op, xs[0], weight, bias, relevance, z, reuse)
     r_in = [jnp.zeros_like(x) for x in xs]
     explained = jnp.zeros((), dtype)  # relevance that reaches the inputs
     for group in rule.groups:
@@ -191,7 +208,7 @@ def propagate(rule: Rule, op: Callable[..., Array], xs: Sequence[Array], weight:
             x_k = tuple(m(x) for m, x in zip(mods, xs))
             w_k = None if weight is None else jax.tree.map(term.weight, weight)
             z_k, pullback = jax.vjp(lambda *a, w_k=w_k: op(*a, w_k), *x_k)
-            if reuse and term.weight is _identity and all(m is _identity for m in mods):
+            if reuse and term.weight == _identity and all(m == _identity for m in mods):
                 z_k = z if bias is None else z - bias  # the layer's own output, already computed
             terms.append(term)
             outs.append(z_k)
@@ -210,6 +227,62 @@ def propagate(rule: Rule, op: Callable[..., Array], xs: Sequence[Array], weight:
                 r_in[i] = r_in[i] + (term.sign / degree) * x * ct
         explained = explained + jnp.sum(signal * x_part)
     return tuple(r_in), jnp.sum(relevance) - explained
+
+
+def _shared_plan(rule: Rule, n_inputs: int, weight, nonneg: Sequence[bool], reuse: bool):
+    """Per group and term, the coefficients C[a][b] of op(input_a; weight_b) over the bases a in {x, x+},
+    b in {W, W+}, if every modifier is :class:`Affine` and this costs fewer passes than term by term."""
+    if n_inputs != 1 or weight is None or not isinstance(weight, jax.Array):
+        return None
+    groups, pairs, vjps, generic = [], set(), set(), 0
+    for group in rule.groups:
+        coefs = []
+        for t in group.terms:
+            if not all(isinstance(m, Affine) for m in (t.input, t.weight, t.bias)):
+                return None
+            a = t.input.coefficients(nonneg[0])
+            b = t.weight.coefficients()
+            c = {(i, j): t.sign * a[i] * b[j] for i in range(2) for j in range(2) if a[i] * b[j]}
+            coefs.append(c)
+            pairs.update(c)
+            if c:
+                generic += 1 + (0 if reuse and set(c) == {(0, 0)} and a[0] == 1 and b[0] == 1 else 1)
+        groups.append(coefs)
+    vjps = pairs
+    forwards = {p for p in pairs if not (reuse and p == (0, 0))}
+    return groups if len(forwards) + len(vjps) < generic else None
+
+
+def _propagate_shared(rule: Rule, plan, op, x, weight, bias, relevance, z, reuse):
+    """:func:`propagate` for Affine-only rules: each basis forward op(x_a; W_b) and each basis VJP once."""
+    inputs = (x, jnp.maximum(x, 0))
+    weights = (weight, jnp.maximum(weight, 0))
+    cache = {}
+
+    def forward(pair):
+        if pair not in cache:
+            cache[pair] = (z if bias is None else z - bias) if reuse and pair == (0, 0) else \
+                op(inputs[pair[0]], weights[pair[1]])
+        return cache[pair]
+
+    signals: dict = {}  # (a, b) -> linear combination of group signals fed to VJP_b, multiplied by x_a
+    explained = jnp.zeros((), relevance.dtype)
+    for group, coefs in zip(rule.groups, plan):
+        pairs = {p for c in coefs for p in c}
+        if not pairs:
+            continue
+        x_part = sum(sum(c[p] for c in coefs if p in c) * forward(p) for p in sorted(pairs))
+        b_part = 0.0 if bias is None else sum(t.sign * t.bias(bias) for t, c in zip(group.terms, coefs) if c)
+        signal = group.coefficient * _select(z, group.select) * relevance / stabilize(x_part + b_part,
+                                                                                       rule.stabilizer)
+        for p in pairs:
+            signals[p] = signals.get(p, 0.0) + sum(c[p] for c in coefs if p in c) * signal
+        explained = explained + jnp.sum(signal * x_part)
+    r_in = jnp.zeros_like(x)
+    for (a, b), signal in sorted(signals.items()):
+        _, pullback = jax.vjp(lambda v, w=weights[b]: op(v, w), x)
+        r_in = r_in + inputs[a] * pullback(signal)[0]
+    return (r_in,), jnp.sum(relevance) - explained
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -235,11 +308,8 @@ def gamma(gamma: float = 0.25, stabilizer: float = 1e-6, *, bias: bool = True) -
     Where z > 0: terms (x+, W + g W+, b + g b+) and (x-, W + g W-, 0); where z < 0: (x+, W + g W-, b + g b-)
     and (x-, W + g W+, 0), each group with its own denominator.
     """
-    def up(w):
-        return w + gamma * jnp.maximum(w, 0)
-
-    def down(w):
-        return w + gamma * jnp.minimum(w, 0)
+    up = Affine(1.0, gamma)  # W + g W+
+    down = Affine(1.0 + gamma, -gamma)  # W + g W- = (1 + g) W - g W+
 
     pos = Group((Term(_positive, up, _bias(up, bias)), Term(_negative, down, _zero)), select="positive")
     neg = Group((Term(_positive, down, _bias(down, bias)), Term(_negative, up, _zero)), select="negative")
