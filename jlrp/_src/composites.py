@@ -29,7 +29,7 @@ DEFAULTS = {
     "max": rules.gradient(),
 }
 
-_KINDS = {"dense", "conv", "sum", "add", "product", "activation", "max", "scan", "cond"}
+_KINDS = {"dense", "conv", "sum", "add", "product", "activation", "max", "scan", "cond", "remat2"}
 
 
 def _match(selector: Selector, layer: LayerInfo) -> bool:

@@ -1,9 +1,10 @@
 """A flat view of a jaxpr: call-like sub-jaxprs inlined, values numbered.
 
-Inlining ``jit``, ``custom_jvp_call``, ``custom_vjp_call`` and ``remat`` bodies lets layer patterns match across
-call boundaries (``jax.nn.relu`` is a custom_jvp around a jit around ``max``) and gives every call site its
-own layers. Dropping the custom derivative rules is intended: LRP defines its own backward pass.
-Control-flow primitives (scan, cond, while) keep their bodies as sub-graphs of their own.
+Inlining ``jit``, ``custom_jvp_call`` and ``custom_vjp_call`` bodies lets layer patterns match across call
+boundaries (``jax.nn.relu`` is a custom_jvp around a jit around ``max``) and gives every call site its own
+layers. Dropping the custom derivative rules is intended: LRP defines its own backward pass.
+Control flow (scan, cond) and ``jax.checkpoint`` (remat, whose memory saving must survive) keep their bodies
+as sub-graphs of their own.
 """
 from __future__ import annotations
 
@@ -14,8 +15,7 @@ from jax.extend import core as jcore
 
 #: Primitives whose body is inlined, with the parameter holding it.
 _INLINE = {"jit": "jaxpr", "pjit": "jaxpr", "closed_call": "call_jaxpr", "core_call": "call_jaxpr",
-           "custom_jvp_call": "call_jaxpr", "custom_vjp_call": "call_jaxpr", "remat2": "jaxpr",
-           "checkpoint": "jaxpr"}
+           "custom_jvp_call": "call_jaxpr", "custom_vjp_call": "call_jaxpr"}
 
 
 @dataclasses.dataclass(frozen=True)

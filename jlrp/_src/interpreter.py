@@ -293,8 +293,14 @@ def _control_flow(layer: Layer, node, vals: list) -> list:
         carry, ys = jax.lax.scan(step, list(init), list(xs), length=p["length"], reverse=p["reverse"],
                                  unroll=p["unroll"])
         return list(carry) + list(ys)
-    branches = [lambda *ops, body=body: run(body, list(ops)) for body in layer.body]
-    return list(jax.lax.switch(vals[0], branches, *vals[1:]))
+    if node.prim.name == "cond":
+        branches = [lambda *ops, body=body: run(body, list(ops)) for body in layer.body]
+        return list(jax.lax.switch(vals[0], branches, *vals[1:]))
+    # jax.checkpoint: the rewritten body is checkpointed again, so its activations are recomputed in the
+    # backward pass (with the rules' custom_vjps inside) instead of being stored
+    body = jax.checkpoint(lambda *ops: run(layer.body[0], list(ops)), prevent_cse=node.params["prevent_cse"],
+                          policy=node.params["policy"])
+    return list(body(*vals))
 
 
 def run(plan: Plan, flat_args: list, probes: dict | None = None) -> list:

@@ -15,7 +15,8 @@ A *layer* is a set of nodes whose backward pass is replaced by one rule:
   silu's ``x * sigmoid(x)``, softmax, a standalone scale/shift); its exit values get the activation rule.
   A *statistic* of the activations (a value broadcast along an axis where the other operand varies: the
   mean and 1/std of LayerNorm, RMSNorm's 1/rms, softmax's denominator) is treated as a constant there.
-* ``scan`` / ``cond``: control flow; their bodies are analysed and rewritten recursively.
+* ``scan`` / ``cond`` / ``remat2``: control flow and ``jax.checkpoint``; bodies are analysed and rewritten
+  recursively (a checkpointed block stays checkpointed, rules included).
 
 Everything else on the relevance path is structural (its ordinary VJP routes relevance) or unsupported
 (a clear error naming the primitive and where it came from).
@@ -28,6 +29,8 @@ from typing import Any
 
 import jax.numpy as jnp
 import numpy as np
+
+from jax.extend import core as jcore
 
 from .graph import Graph, Lit, Node, flatten
 
@@ -51,7 +54,7 @@ MULTIPLICATIVE = {"mul", "dot_general", "conv_general_dilated"}
 NORMALISING = {"add", "sub", "mul", "div"}  # ops where a broadcast statistic is treated as a constant
 RESHAPES = {"transpose", "reshape", "squeeze", "expand_dims"}
 AFFINE_CHAIN = {"add", "sub", "mul", "div", "neg"} | RESHAPES
-CONTROL = {"scan", "cond"}
+CONTROL = {"scan", "cond", "remat2", "checkpoint"}
 NONNEG_PRESERVING = {"reshape", "transpose", "broadcast_in_dim", "squeeze", "expand_dims", "slice", "dynamic_slice",
                      "gather", "rev", "copy", "copy_p", "convert_element_type", "reduce_precision", "reduce_max",
                      "reduce_min", "reduce_window_max", "reduce_window_min", "reduce_sum", "reduce_window_sum",
@@ -433,9 +436,12 @@ class _Analysis:
                     break
                 flags = new
             bodies = [sub]
-        else:  # cond: operands after the branch index
+        elif node.prim.name == "cond":  # operands after the branch index
             bodies = [_Analysis(flatten(b), flags[1:], [""] * (len(flags) - 1), scope).run()
                       for b in node.params["branches"]]
+        else:  # remat: an open jaxpr without constants
+            body = jcore.ClosedJaxpr(node.params["jaxpr"], [])
+            bodies = [_Analysis(flatten(body), flags, [""] * len(flags), scope).run()]
         outs = [v for v in node.outputs if v in self.active]
         return Layer(node.prim.name, [i], act, outs[0] if outs else node.outputs[0], body=bodies, flags=flags)
 
