@@ -208,8 +208,10 @@ def test_normalized_aopc():
     np.testing.assert_allclose(ev.normalized_aopc(morf, lerf), [(30 - 11) / 44], rtol=1e-6)
     # invariant to the score's scale and offset (comparable across models / temperatures)
     np.testing.assert_allclose(ev.normalized_aopc(3 * morf - 7, 3 * lerf - 7), [(30 - 11) / 44], rtol=1e-5)
-    # a curve that never drops: 0, not NaN
-    np.testing.assert_array_equal(ev.normalized_aopc(np.array([[1.0, 1.0, 2.0]])), [0.0])
+    # a flat curve: 0, not NaN; a rising curve is negative and bounded by the range (no blow-up)
+    np.testing.assert_array_equal(ev.normalized_aopc(np.array([[1.0, 1.0, 1.0]])), [0.0])
+    np.testing.assert_allclose(ev.normalized_aopc(np.array([[1.0, 1.0, 2.0]])), [-1 / 3], rtol=1e-6)
+    np.testing.assert_allclose(ev.normalized_aopc(np.array([[1.0, 0.99, 5.0]])), [(0.01 - 4) / 3 / 4.01], rtol=1e-5)
 
 
 def test_localisation_hand_cases():

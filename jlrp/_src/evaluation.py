@@ -225,26 +225,28 @@ def aopc_difference(curve_morf: Array, curve_lerf: Array) -> Array:
 def normalized_aopc(curve_morf: Array, curve_random: Array | None = None) -> Array:
     """AOPC made comparable across models: invariant to the scale and offset of the score, per sample.
 
-    Normalisation: divide by the score range the curves cover, ``f(x^0) - min_k f(x^k)`` (minimum over
-    all given curves). Replacing ``f`` by ``a * f + b`` (``a > 0``, e.g. a different logit temperature or
-    offset) does not change the result.
+    Normalisation: divide by the score range the curves cover, ``max_k f(x^k) - min_k f(x^k)`` (over all
+    given curves; ``f(x^0)`` is the maximum for a curve that only falls). Replacing ``f`` by ``a * f + b``
+    (``a > 0``, e.g. a different logit temperature or offset) does not change the result, and a curve that
+    rises above ``f(x^0)`` cannot blow the ratio up: the result always lies in ``[-1, 1]``.
 
-    - ``normalized_aopc(morf)`` = ``AOPC(morf) / (f(x^0) - min morf)``, in ``[0, 1]`` for a curve that
-      never rises above ``f(x^0)``: 1 = the score falls to its lowest value at the first step, about
-      ``1/(K+1)`` = it falls only at the last step.
+    - ``normalized_aopc(morf)`` = ``AOPC(morf) / range``, in ``[0, 1]`` for a curve that never rises above
+      ``f(x^0)``: 1 = the score falls to its lowest value at the first step, about ``1/(K+1)`` = it falls
+      only at the last step.
     - ``normalized_aopc(morf, random)`` = ``(AOPC(morf) - AOPC(random)) / range``: the gain over a random
       ordering; 0 = no better than random, positive = better.
 
-    Samples whose curves never fall below ``f(x^0)`` (zero range) get 0, never NaN. Returns ``(N,)``.
+    Samples whose curves are flat (zero range) get 0, never NaN. Returns ``(N,)``.
     """
     curve_morf = jnp.asarray(curve_morf)
-    lowest = curve_morf.min(axis=1)
+    lowest, highest = curve_morf.min(axis=1), curve_morf.max(axis=1)
     value = aopc(curve_morf)
     if curve_random is not None:
         curve_random = jnp.asarray(curve_random)
         lowest = jnp.minimum(lowest, curve_random.min(axis=1))
+        highest = jnp.maximum(highest, curve_random.max(axis=1))
         value = value - aopc(curve_random)
-    span = curve_morf[:, 0] - lowest
+    span = highest - lowest
     return jnp.where(span > 0, value / jnp.where(span > 0, span, 1), 0.0)
 
 
