@@ -445,3 +445,37 @@ def test_same_model_in_linen_nnx_equinox_haiku_and_plain_jax():
             results[name] = jlrp.lrp(fn, composite, argnums=len(params))(*params, x, target=2)
         for name, r in results.items():
             assert rel_err(r, results["plain"]) < 1e-10, (name, composite)
+
+
+class ViT(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        x = nn.Conv(DIM, (4, 4), strides=(4, 4), padding="VALID")(x)  # patch embedding
+        x = x.reshape(x.shape[0], -1, DIM)
+        x = x + self.param("pos", nn.initializers.normal(0.1), (1, x.shape[1], DIM))
+        for _ in range(2):
+            x = x + nn.MultiHeadDotProductAttention(num_heads=2)(nn.LayerNorm()(x))
+            x = x + nn.Dense(DIM)(nn.gelu(nn.Dense(16)(nn.LayerNorm()(x))))
+        return nn.Dense(3)(nn.LayerNorm()(x).mean(axis=1))
+
+
+def test_small_vit_conserves_and_explains_pixels():
+    model = ViT()
+    x = jax.random.normal(jax.random.key(0), (20, 16, 16, 1))
+    params = _zero_biases(model.init(jax.random.key(1), x))
+    composite = jlrp.Composite([("linear", rules.epsilon(1e-9)), ("sum", rules.norm(1e-9)),
+                                ("add", rules.norm(1e-9)), ("product", rules.uniform(1e-9))])
+    # the positional embedding is a constant added after the patch-embedding conv: jlrp folds it into that
+    # layer as its bias, so it absorbs relevance like a bias; the report accounts for it exactly
+    report = jax.jit(jlrp.report(model.apply, composite, argnums=1))(params, x[:4], target=1)
+    leak = float(jnp.sum(report.initial) - jnp.sum(report.relevance))
+    np.testing.assert_allclose(leak, sum(float(l.absorbed) for l in report.layers), rtol=1e-6)
+    assert abs(float(report.layers[0].absorbed)) > 1e-2  # the pos-embedding share
+    # with it zeroed, like every other bias, relevance is conserved
+    params = jax.tree_util.tree_map_with_path(
+        lambda p, v: jnp.zeros_like(v) if "pos" in jax.tree_util.keystr(p) else v, params)
+    r = jax.jit(jlrp.lrp(model.apply, composite, argnums=1))(params, x, target=1)
+    out = model.apply(params, x)[:, 1]
+    assert r.shape == x.shape and bool(jnp.all(jnp.isfinite(r)))
+    ratio = np.abs(np.asarray(r.reshape(20, -1).sum(1) - out)) / np.abs(np.asarray(out))
+    assert ratio.max() < 1e-3, ratio
