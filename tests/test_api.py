@@ -50,7 +50,7 @@ def test_forward_unchanged_and_jit_equals_eager(composite):
     eager = explain(params, x, target=1)
     jitted = jax.jit(explain, static_argnames=())(params, x, target=1)
     assert np.abs(eager).sum() > 0
-    np.testing.assert_allclose(jitted, eager, rtol=1e-12, atol=1e-14)
+    np.testing.assert_allclose(jitted, eager, rtol=1e-10, atol=1e-13)  # fusion may reorder float sums
 
 
 def test_vmap_equals_batch():

@@ -72,7 +72,7 @@ def test_linear_regression_gradient_is_the_weights():
     params = rg.fit_linear(x, y, steps=1000)
     grad = np.asarray(rg.input_gradient(rg.linear, params, x))
     w = np.asarray(params["w"][:, 0])
-    np.testing.assert_array_equal(grad, np.broadcast_to(w, x.shape))  # exactly, for every sample
+    np.testing.assert_array_equal(grad, np.broadcast_to(w.astype(grad.dtype), x.shape))  # exactly, per sample
     assert np.abs(grad - rg.BETA).max() < 0.03
 
 

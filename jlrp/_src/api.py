@@ -9,7 +9,7 @@ import jax.numpy as jnp
 
 from . import rules
 from .composites import Composite, as_composite, gradient_composite
-from .interpreter import Tracer, run
+from .interpreter import Tracer, dynamic_leaves, run
 from .layers import LayerInfo
 from .targets import initial_relevance, target_mask
 
@@ -59,7 +59,7 @@ class _Transformed:
     def call(self, args: tuple, kwargs: dict, probes: dict | None = None):
         _check_args(args, self.argnums, "jlrp")
         plan, out_tree = self.tracer(args).plan(args, kwargs)
-        flat = run(plan, jax.tree_util.tree_leaves(args), probes)
+        flat = run(plan, dynamic_leaves(plan, args), probes)
         return jax.tree_util.tree_unflatten(out_tree, flat), plan
 
     def __call__(self, *args, **kwargs):

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+import jax.numpy as jnp
 from jax.extend import core as jcore
 
 #: Primitives whose body is inlined, with the parameter holding it.
@@ -33,8 +34,16 @@ class Node:
     outputs: list[int]
     name: str  # module path from the name stack ('' when unknown)
 
-    def bind(self, *vals):
-        out = self.prim.bind(*vals, **self.prim.get_bind_params(self.params))
+    def bind(self, *vals, dtype=None):
+        """Apply the primitive; with ``dtype``, floating operands are cast to it and the result type follows
+        (rules compute in at least float32 for bf16/fp16 models)."""
+        params = self.prim.get_bind_params(self.params)
+        if dtype is not None:
+            vals = [v.astype(dtype) if jnp.issubdtype(jnp.result_type(v), jnp.inexact) else v for v in
+                    (jnp.asarray(v) for v in vals)]
+            if "preferred_element_type" in params:
+                params = dict(params, preferred_element_type=None)
+        out = self.prim.bind(*vals, **params)
         return list(out) if self.prim.multiple_results else [out]
 
 

@@ -17,7 +17,7 @@ from jax.extend import core as jcore
 
 from . import rules as R
 from .graph import Graph, Lit, flatten
-from .layers import RESHAPES, Layer, Plan, _Analysis, _ids, chain_axis_map, fold_axes, lin_scale_axes
+from .layers import REGISTRY, RESHAPES, Layer, Plan, _Analysis, _ids, chain_axis_map, fold_axes, lin_scale_axes
 
 # -------------------------------------------------------------------------------------------------------
 # Tracing and its cache
@@ -41,27 +41,39 @@ class Tracer:
         self.trace_count = 0  # how often fn was traced (tests assert no retrace)
 
     def plan(self, args: tuple, kwargs: dict) -> tuple[Plan, Any]:
+        """The analysed plan for these arguments and the output's tree structure.
+
+        Array leaves are traced (by shape and dtype); other leaves of non-explained arguments (Python
+        numbers, strings, None, ...) stay static, like ``jax.grad`` leaves them concrete: their values are
+        part of the cache key. ``dynamic_leaves`` picks the traced leaves to pass to :func:`run`.
+        """
         leaves, treedef = jax.tree_util.tree_flatten_with_path(args)
         paths = [jax.tree_util.keystr(p[1:], simple=True, separator="/") for p, _ in leaves]
         explained = [p[0].idx in self.argnums for p, _ in leaves]
-        avals = tuple(_aval_of(leaf) for _, leaf in leaves)
+        dynamic = [e or _is_array(leaf) for e, (_, leaf) in zip(explained, leaves)]
+        statics = tuple(None if d else leaf for d, (_, leaf) in zip(dynamic, leaves))
+        avals = tuple(_aval_of(leaf) for d, (_, leaf) in zip(dynamic, leaves) if d)
         try:
-            key = (treedef, avals, tuple(sorted(kwargs.items())))
+            key = (treedef, avals, tuple(dynamic), statics, tuple(sorted(kwargs.items())),
+                   tuple(sorted((k, id(v)) for k, v in REGISTRY.items())))
             hash(key)
         except TypeError:
             key = None
         with self._lock:
             if key is not None and key in self._cache:
                 return self._cache[key]
-        tree = jax.tree_util.tree_structure(args)
 
         def flat_fn(*flat):
-            return self.fn(*jax.tree_util.tree_unflatten(tree, flat), **kwargs)
+            it = iter(flat)
+            full = [next(it) if d else v for d, v in zip(dynamic, statics)]
+            return self.fn(*jax.tree_util.tree_unflatten(treedef, full), **kwargs)
 
         closed, out_shape = jax.make_jaxpr(flat_fn, return_shape=True)(*avals)
         self.trace_count += 1
         graph = flatten(closed)
-        plan = _Analysis(graph, explained, paths).run()
+        plan = _Analysis(graph, [e for e, d in zip(explained, dynamic) if d],
+                         [p for p, d in zip(paths, dynamic) if d]).run()
+        plan.dynamic = dynamic
         _number_globally(plan)
         for layer in plan.all_layers():
             layer.rule = self.composite.resolve(layer.info)
@@ -72,16 +84,24 @@ class Tracer:
         return result
 
 
+def _is_array(leaf) -> bool:
+    return isinstance(leaf, (jax.Array, np.ndarray, np.generic))
+
+
+def dynamic_leaves(plan: Plan, args: tuple) -> list:
+    """The leaves of ``args`` that the plan's graph takes as inputs (the traced ones)."""
+    return [leaf for leaf, d in zip(jax.tree_util.tree_leaves(args), plan.dynamic) if d]
+
+
 def _number_globally(plan: Plan) -> None:
     """Number dense/conv layers over the whole program, loop bodies included, so 'first' means the first
     dense-or-conv layer the input meets."""
     layers = list(plan.all_layers())
-    linear = [l for l in layers if l.kind in ("dense", "conv")]
-    convs = [l for l in layers if l.kind == "conv"]
+    linear = {id(l): k for k, l in enumerate(l for l in layers if l.kind in ("dense", "conv"))}
+    convs = {id(l): k for k, l in enumerate(l for l in layers if l.kind == "conv")}
     for l in layers:
-        l.info = dataclasses.replace(
-            l.info, linear_index=next((k for k, m in enumerate(linear) if m is l), None),
-            num_linear=len(linear), conv_index=next((k for k, m in enumerate(convs) if m is l), None))
+        l.info = dataclasses.replace(l.info, linear_index=linear.get(id(l)), num_linear=len(linear),
+                                     conv_index=convs.get(id(l)))
 
 
 # -------------------------------------------------------------------------------------------------------
@@ -95,12 +115,13 @@ def _zero_cotangent(x):
     return np.zeros(np.shape(x), dtype=jax.dtypes.float0)
 
 
-def _replay(graph: Graph, layer: Layer, xs, consts) -> jax.Array:
+def _replay(graph: Graph, layer: Layer, xs, consts, dtype=None) -> jax.Array:
+    """Re-run the layer's equations on ``xs`` (in ``dtype`` if given, e.g. float32 for a bf16 model)."""
     env = dict(zip(layer.inputs, xs))
     env.update(zip(layer.consts, consts))
     for n in layer.nodes:
         node = graph.nodes[n]
-        outs = node.bind(*[a.val if isinstance(a, Lit) else env[a] for a in node.inputs])
+        outs = node.bind(*[a.val if isinstance(a, Lit) else env[a] for a in node.inputs], dtype=dtype)
         env.update(zip(node.outputs, outs))
     return env[layer.output]
 
@@ -111,9 +132,10 @@ def _to_rank(c, ndim: int):
 
 
 def _canonical_linear(graph: Graph, layer: Layer, x, consts):
-    """``out = A * P(lin(x; W)) + B`` -> (op, W with A folded in, B): bias and BatchNorm merged into the
-    layer. P is the chain's structural ops (transposes, singleton reshapes); A varies only along axes that
-    come from the weight (checked by the analysis), so ``A * lin(x; W) = lin(x; W * A)``."""
+    """``out = P(lin(x; W)) * A + B`` -> (op, W with A folded in, B): bias and BatchNorm merged into the
+    layer. P is the chain's structural ops (transposes, singleton reshapes). Each scale is folded into the
+    weight where it occurs (the analysis checked it varies only along axes that come from the weight, so
+    ``A * lin(x; W) = lin(x; W * A)``); only the bias is carried through later reshapes."""
     env = dict(zip(layer.consts, consts))
     read = lambda a: a.val if isinstance(a, Lit) else env[a]
     head = graph.nodes[layer.nodes[0]]
@@ -122,7 +144,14 @@ def _canonical_linear(graph: Graph, layer: Layer, x, consts):
     shape = tuple(graph.avals[head.outputs[0]].shape)
     fold = fold_axes(head, pos, weight.ndim, len(shape))
     axis_map = list(range(len(shape)))
-    scale, bias, post, z = None, None, [], head.outputs[0]
+    bias, post, z = None, [], head.outputs[0]
+
+    def scale_by(c):
+        nonlocal weight, bias
+        c = _to_rank(c, len(shape))
+        weight = weight * _scale_in_weight_layout(c, axis_map, fold, weight.ndim).astype(weight.dtype)
+        bias = None if bias is None else bias * c
+
     for n in layer.nodes[1:]:
         node = graph.nodes[n]
         name = node.prim.name
@@ -130,13 +159,10 @@ def _canonical_linear(graph: Graph, layer: Layer, x, consts):
         if name in RESHAPES:
             axis_map = chain_axis_map(axis_map, name, node.params, shape, new_shape)
             post.append(node)
-            move = (lambda a, node=node: node.bind(a)[0]) if name == "transpose" else \
-                (lambda a, s=shape, t=new_shape: jnp.reshape(jnp.broadcast_to(a, s), t))
-            scale = None if scale is None else move(_to_rank(scale, len(shape)))
-            bias = None if bias is None else move(_to_rank(bias, len(shape)))
+            if bias is not None:
+                bias = node.bind(jnp.broadcast_to(_to_rank(bias, len(shape)), shape))[0]
         elif name == "neg":
-            scale = -1.0 if scale is None else -scale
-            bias = None if bias is None else -bias
+            scale_by(-1.0)
         else:
             z_first = node.inputs[0] == z
             c = _to_rank(read(node.inputs[1] if z_first else node.inputs[0]), len(shape))
@@ -144,21 +170,17 @@ def _canonical_linear(graph: Graph, layer: Layer, x, consts):
                 bias = c if bias is None else bias + c
             elif name == "sub" and z_first:
                 bias = -c if bias is None else bias - c
-            elif name == "sub":
-                scale = -1.0 if scale is None else -scale
-                bias = c if bias is None else c - bias
+            elif name == "sub":  # c - z
+                scale_by(-1.0)
+                bias = c if bias is None else c + bias
             elif name == "mul":
-                scale = c if scale is None else scale * c
-                bias = None if bias is None else bias * c
+                scale_by(c)
             else:  # div (z / c)
-                scale = 1.0 / c if scale is None else scale / c
-                bias = None if bias is None else bias / c
+                scale_by(1.0 / c)
         z, shape = node.outputs[0], new_shape
-    if scale is not None:
-        weight = weight * _scale_in_weight_layout(_to_rank(scale, len(shape)), axis_map, fold, weight.ndim)
 
-    def op(x, w):
-        out = head.bind(*((x, w) if pos == 0 else (w, x)))[0]
+    def op(x, w):  # computes in x's dtype (the rule's compute dtype)
+        out = head.bind(*((x, w) if pos == 0 else (w, x)), dtype=x.dtype)[0]
         for node in post:
             out = node.bind(out)[0]
         return out
@@ -169,6 +191,8 @@ def _canonical_linear(graph: Graph, layer: Layer, x, consts):
 def _scale_in_weight_layout(scale, axis_map, fold, w_ndim):
     """Reshape a per-output scale (constant along axes the weight lacks) to broadcast against the weight."""
     axes = lin_scale_axes(tuple(int(n) for n in np.shape(scale)), axis_map, fold)
+    if axes is None:
+        raise AssertionError("jlrp internal error: a scale the analysis found foldable cannot be folded")
     if not axes:  # a scalar factor
         return jnp.reshape(scale, (1,) * w_ndim)
     varying = [k for k, n in enumerate(scale.shape) if n != 1]
@@ -190,10 +214,10 @@ def _rule_backward(graph: Graph, layer: Layer, xs, consts, out, relevance):
         elif layer.kind == "max":  # a rule on max pooling: propagate as if it were sum pooling
             node = graph.nodes[layer.nodes[0]]
             summing = _SUM_OF[node.prim.name]
-            op = lambda x, w: summing.bind(x, **summing.get_bind_params(node.params))
+            op = lambda x, w: summing.bind(x, **node.prim.get_bind_params(node.params))
             weight = bias = None
         else:
-            op = lambda *a: _replay(graph, layer, a[:-1], consts)
+            op = lambda *a: _replay(graph, layer, a[:-1], consts, dtype=a[0].dtype)
             weight = bias = None
         r_in, absorbed = R.propagate(rule, op, xs, weight, bias, relevance, out, layer.degree, layer.nonneg,
                                      z_is_op=layer.kind != "max")
@@ -229,13 +253,15 @@ def _product_backward(graph, layer, rule, xs, consts, out, relevance):
         live = list(range(len(xs)))
 
     def op(*a):
-        full = list(xs)
+        full = [x.astype(a[0].dtype) for x in xs]
         for k, v in zip(live, a[:-1]):
             full[k] = v
-        return _replay(graph, layer, full, consts)
+        return _replay(graph, layer, full, consts, dtype=a[0].dtype)
 
+    node = graph.nodes[layer.nodes[0]]
+    degree = sum(node.inputs.count(layer.inputs[k]) for k in live)  # x . x counts twice
     epsilon = R.epsilon(rule.stabilizer)
-    r_live, _ = R.propagate(epsilon, op, [xs[k] for k in live], None, None, relevance, out, len(live))
+    r_live, _ = R.propagate(epsilon, op, [xs[k] for k in live], None, None, relevance, out, degree)
     r_in = [jnp.zeros_like(x) for x in xs]
     for k, r in zip(live, r_live):
         r_in[k] = r
@@ -338,6 +364,8 @@ def run(plan: Plan, flat_args: list, probes: dict | None = None) -> list:
             continue
         elif i in plan.skip and layer is None:
             continue
+        elif layer is not None and len(node.outputs) > 1:  # e.g. a registered sort with its indices
+            env.update(zip(node.outputs, node.bind(*map(read, node.inputs))))
         elif layer is None:
             env.update(zip(node.outputs, node.bind(*map(read, node.inputs))))
             for v in node.outputs:

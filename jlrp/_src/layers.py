@@ -24,7 +24,6 @@ Everything else on the relevance path is structural (its ordinary VJP routes rel
 from __future__ import annotations
 
 import dataclasses
-import fnmatch
 from typing import Any
 
 import jax.numpy as jnp
@@ -48,7 +47,7 @@ ELEMENTWISE = {"neg", "sign", "floor", "ceil", "round", "exp", "exp2", "log", "l
                "atanh", "sqrt", "rsqrt", "cbrt", "integer_pow", "pow", "abs", "max", "min", "erf", "erfc",
                "erf_inv", "lgamma", "digamma", "add", "sub", "mul", "div", "rem", "select_n", "clamp",
                "atan2", "square", "nextafter", "add_any", "convert_element_type", "reduce_precision",
-               "copy", "copy_p", "is_finite", "logistic"}
+               "copy", "copy_p", "is_finite"}
 ADDITIVE = {"add", "sub", "add_any"}
 MULTIPLICATIVE = {"mul", "dot_general", "conv_general_dilated"}
 NORMALISING = {"add", "sub", "mul", "div"}  # ops where a broadcast statistic is treated as a constant
@@ -59,7 +58,7 @@ NONNEG_PRESERVING = {"reshape", "transpose", "broadcast_in_dim", "squeeze", "exp
                      "gather", "rev", "copy", "copy_p", "convert_element_type", "reduce_precision", "reduce_max",
                      "reduce_min", "reduce_window_max", "reduce_window_min", "reduce_sum", "reduce_window_sum",
                      "cumsum", "cummax", "cummin", "pad", "concatenate", "select_n", "add", "mul", "min"}
-MARKERS = {"exp", "logistic", "tanh"}
+MARKERS = {"exp", "logistic"}
 
 #: User-registered rules by primitive name (see ``jlrp.register_rule``).
 REGISTRY: dict[str, Any] = {}
@@ -143,6 +142,7 @@ class Plan:
     layers: list[Layer]
     provenance: dict[int, frozenset[str]]
     roots: list[int]  # active values with no active inputs (embedding outputs of explained token ids)
+    dynamic: list[bool] | None = None  # which argument leaves are traced inputs (the rest are static)
 
     def all_layers(self):
         """Layers of this plan and of every control-flow body, depth first."""
@@ -230,8 +230,8 @@ class _Analysis:
                 positive = any(ok(a) for a in ins)
             elif name == "div":
                 positive = ok(ins[0]) and isinstance(ins[1], Lit) and bool(np.all(np.asarray(ins[1].val) > 0))
-            elif name in NONNEG_PRESERVING:
-                positive = all(ok(a) for a in ins if isinstance(a, Lit) or a in self.active)
+            elif name in NONNEG_PRESERVING:  # every float operand must be known >= 0 (params are unknown)
+                positive = all(ok(a) for a in ins)
             else:
                 positive = False
             if positive:
@@ -353,6 +353,7 @@ class _Analysis:
             if not act or not outs:
                 continue
             name = node.prim.name
+            positions = sum(1 for a in _ids(node) if a in self.active)
             if name in REGISTRY:
                 layer = Layer(name, [i], act, outs[0], degree=len(act))
             elif name in ELEMENTWISE and (found := self._region_root(node, act, root))[0] is not None:
@@ -362,15 +363,17 @@ class _Analysis:
                 mark = frozenset().union(*(markers.get(v, frozenset()) for v in act if v not in statistics))
                 if name in MARKERS:
                     mark |= {name}
+                if name in ("mul", "div") and len(act) - len(statistics) >= 2:
+                    mark -= {"logistic"}  # z * sigmoid(z) (silu, swish) is an activation, not a gate
                 if name == "div" and statistics and "exp" in mark:
                     mark |= {"softmax"}
                 markers[outs[0]] = mark
                 continue
-            elif name in LINEAR and len(act) == 1:
+            elif name in LINEAR and len(act) == 1 and positions == 1:
                 layer = self.linear_layer(i, claimed)
-            elif name in MULTIPLICATIVE and len(act) >= 2:
+            elif name in MULTIPLICATIVE and positions >= 2:  # incl. x . x (a Gram matrix): degree 2
                 origins = tuple(self._origin(markers.get(v, frozenset())) for v in act)
-                layer = Layer("product", [i], act, outs[0], degree=len(act), origins=origins)
+                layer = Layer("product", [i], act, outs[0], degree=positions, origins=origins)
             elif name in SUMS:
                 layer = self.sum_layer(i, act, claimed)
             elif name in MAXES and len(act) == 1:
@@ -378,6 +381,8 @@ class _Analysis:
             elif name in ADDITIVE:
                 layer = Layer("add", [i], act, outs[0])
             elif name in STRUCTURAL:
+                if len(act) == 1 and act[0] in markers:  # a transposed softmax is still attention weights
+                    markers[outs[0]] = markers[act[0]]
                 continue
             elif name in CONTROL:
                 layer = self.control_flow(i, act)
@@ -423,14 +428,14 @@ class _Analysis:
     # -- control flow ----------------------------------------------------------------------------------
     def control_flow(self, i: int, act: list[int]) -> Layer:
         node = self.g.nodes[i]
-        flags = [a in self.active or a in self.from_ids for a in node.inputs]
+        flags = [not isinstance(a, Lit) and (a in self.active or a in self.from_ids) for a in node.inputs]
         scope = "/".join(p for p in (self.scope, node.prim.name) if p)
         if node.prim.name == "scan":
             nc, ncar = node.params["num_consts"], node.params["num_carry"]
             body = node.params["jaxpr"]
             while True:  # a carry is explained if its initial value is, or if the body makes it so
                 sub = _Analysis(flatten(body), flags, [""] * len(flags), scope).run()
-                carry_out = [v in sub.active for v in sub.graph.outputs[:ncar]]
+                carry_out = [not isinstance(v, Lit) and v in sub.active for v in sub.graph.outputs[:ncar]]
                 new = flags[:nc] + [a or b for a, b in zip(flags[nc:nc + ncar], carry_out)] + flags[nc + ncar:]
                 if new == flags:
                     break

@@ -1,0 +1,10 @@
+"""Test-session setup.
+
+Several test modules need float64 for their 1e-10 reference comparisons and enable it at import; since
+pytest imports every module before running any test, x64 would otherwise be on or off depending on which
+files are collected. Enabling it here makes a single file behave exactly like the whole suite. Tests that
+check float32 / bfloat16 behaviour pass explicit dtypes.
+"""
+import jax
+
+jax.config.update("jax_enable_x64", True)
