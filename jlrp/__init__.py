@@ -7,9 +7,9 @@ Relevance rules are ``jax.custom_vjp`` backward passes that jlrp swaps into your
 values stay identical, so explanations are ordinary JAX functions (jit, vmap, sharding).
 
 Modules: :mod:`jlrp.rules`, :mod:`jlrp.composites`, :mod:`jlrp.evaluation`, :mod:`jlrp.image`,
-:mod:`jlrp.datasets`, :mod:`jlrp.svm`.
+:mod:`jlrp.datasets`, :mod:`jlrp.svm`, :mod:`jlrp.patterns`.
 """
-from jlrp import composites, datasets, evaluation, image, rules, svm
+from jlrp import composites, datasets, evaluation, image, patterns, rules, svm
 from jlrp._src.api import (LayerRelevance, Report, deconvnet, guided_backprop, lrp, register_rule, report,
                            transform, vjp)
 from jlrp._src.attribution import gradient, input_x_gradient, integrated_gradients, occlusion, smoothgrad
@@ -19,7 +19,8 @@ from jlrp._src.layers import LayerInfo, UnsupportedPrimitiveError
 __all__ = [
     "Composite", "LayerInfo", "LayerRelevance", "Report", "UnsupportedPrimitiveError", "composites", "datasets",
     "deconvnet", "evaluation", "gradient", "guided_backprop", "image", "input_x_gradient",
-    "integrated_gradients", "lrp", "module_path", "occlusion", "param_path", "register_rule", "report", "rules",
+    "integrated_gradients", "lrp", "module_path", "occlusion", "param_path", "patterns", "register_rule", "report",
+    "rules",
     "smoothgrad", "svm", "transform", "vjp",
 ]
 __version__ = "0.1.0"

@@ -103,7 +103,7 @@ def as_composite(composite) -> Composite:
         return epsilon_plus_flat()
     if isinstance(composite, Composite):
         return composite
-    if isinstance(composite, (rules.Rule, rules.Native, rules.Pass, rules.Custom, rules.Product)):
+    if isinstance(composite, (rules.Rule, rules.Native, rules.Pass, rules.Custom, rules.Product, rules.Substitute)):
         return Composite([("linear", composite)], name=repr(composite))
     raise TypeError(f"composite must be a jlrp Composite, a rule or None, got {type(composite).__name__}")
 

@@ -94,12 +94,13 @@ class Patterns:
       a: the pattern used by PatternNet / PatternAttribution, weight-shaped: ``a`` (linear) or ``a_+``
         (two-component). ``w_j^T a_j = 1`` for every unit j.
       a_minus: ``a_-`` for the two-component kind (empty for the linear kind).
-      fallback: per unit (weight layout, size 1 on contracted axes), True where the estimate was
-        degenerate (the unit never fired, or its output had no variance in the component) and the
-        filter direction ``w_j / (w_j^T w_j)`` was used instead; it also satisfies ``w_j^T a_j = 1``.
+      fallback: per unit (weight layout, size 1 on contracted axes), True where the estimate of ``a``
+        was degenerate (the unit never fired, or its output had no variance in the component: a
+        denominator at rounding level) and the filter direction ``w_j / (w_j^T w_j)`` was used instead;
+        it also satisfies ``w_j^T a_j = 1``. ``a_minus`` falls back the same way (not flagged).
       count: number of samples (examples x output positions) per unit the statistics were taken over.
       kind: 'linear' or 'two_component'.
-      layers: the LayerInfo of each fitted layer.
+      layers: the LayerInfo of each fitted layer (its shapes are those of the last batch traced).
     """
     a: dict[int, jax.Array]
     a_minus: dict[int, jax.Array]
@@ -243,11 +244,14 @@ def fit(fn: Callable, args: Sequence, batches: Iterable, *, argnums: int = 0,
     """
     if not isinstance(argnums, int):
         raise TypeError(f"patterns explain one argument: argnums must be an int, got {argnums!r}")
-    state, infos = _moments(fn, tuple(args), batches, argnums, kind)
+    return _patterns(*_moments(fn, tuple(args), batches, argnums, kind), kind)
+
+
+def _patterns(state: dict, infos: dict, kind: str) -> Patterns:
+    """Patterns of ``kind`` from streamed moments (two-component moments also give the linear kind)."""
     a, a_minus, fallback, count = {}, {}, {}, {}
     for k, m in state.items():
-        units = infos[k][1]
-        a[k], neg, fallback[k] = _finish(m["w"], m, units, kind)
+        a[k], neg, fallback[k] = _finish(m["w"], m, infos[k][1], kind)
         if neg is not None:
             a_minus[k] = neg
         count[k] = m["n"]
@@ -346,6 +350,10 @@ def rho(fn: Callable, args: Sequence, patterns_or_estimator: Patterns | str, bat
     ``S(x) = a_+ y`` if ``y > 0`` else ``a_- y``), 'filter' (``S(x) = w y / (w^T w)``) or 'random' (a
     random direction ``r`` with ``w^T r = 1``, drawn with ``seed``). Units whose output is constant are
     skipped. Only dense layers with 2-D weights are scored (conv layers are not).
+
+    An input that is constant on the data (a dead ReLU) makes every estimator that puts signal on it
+    degenerate: there ``x - S(x) = const - s_i y`` reveals ``y`` exactly and rho is ~0. The filter and
+    random estimators do this; fitted patterns are ~0 on constant inputs.
     """
     est = patterns_or_estimator
     if isinstance(est, str) and est not in ("filter", "random"):
@@ -409,12 +417,12 @@ def _rho_layer(x, x_eval, w, pos, neg, chunk: int = 16) -> float:
     yp, ym = yp - yp.mean(0), ym - ym.mean(0)
     sxx, sxp, sxm = xc.T @ xc, xc.T @ yp, xc.T @ ym
     spp, smm, spm = (yp * yp).sum(0), (ym * ym).sum(0), (yp * ym).sum(0)
+    col = lambda m, u: m[:, u].T[:, :, None]  # (in, units) -> (units, in, 1)
+    t = lambda m: np.swapaxes(m, 1, 2)
     scores = []
-    for lo in range(0, w.shape[1], chunk):
+    for lo in range(0, w.shape[1], chunk):  # chunks of units bound the (units, in, in) memory
         u = slice(lo, lo + chunk)
-        a, b = pos[:, u].T[:, :, None], neg[:, u].T[:, :, None]  # (units, in, 1)
-        cp, cm = sxp[:, u].T[:, :, None], sxm[:, u].T[:, :, None]
-        t = lambda m: np.swapaxes(m, 1, 2)
+        a, b, cp, cm = col(pos, u), col(neg, u), col(sxp, u), col(sxm, u)
         p_, m_, pm = spp[u, None, None], smm[u, None, None], spm[u, None, None]
         gram = (sxx - cp @ t(a) - a @ t(cp) - cm @ t(b) - b @ t(cm)  # D^T D
                 + p_ * a @ t(a) + pm * (a @ t(b) + b @ t(a)) + m_ * b @ t(b))
@@ -422,7 +430,9 @@ def _rho_layer(x, x_eval, w, pos, neg, chunk: int = 16) -> float:
         ridge = 1e-9 * np.trace(gram, axis1=1, axis2=2)[:, None, None] / gram.shape[1]
         v = np.linalg.solve(gram + ridge * np.eye(gram.shape[1]), rhs)  # (units, in, 1)
         ye = y_eval[:, u]
-        pred = x_eval @ v[:, :, 0].T - np.maximum(ye, 0) * (t(a) @ v)[:, 0, 0] - np.minimum(ye, 0) * (t(b) @ v)[:, 0, 0]
+        # v^T d on held-out data, d = x - a y_+ - b y_-
+        pred = x_eval @ v[:, :, 0].T - np.maximum(ye, 0) * (t(a) @ v)[:, 0, 0] \
+            - np.minimum(ye, 0) * (t(b) @ v)[:, 0, 0]
         for j in range(ye.shape[1]):
             if np.std(ye[:, j]) == 0 or np.std(y[:, lo + j]) == 0:
                 continue  # a constant unit has no signal to separate
