@@ -51,7 +51,7 @@ def test_heatmap_grid_has_a_tile_per_image_and_method(demo, run):
 def test_curve_plot_is_a_readable_png(run):
     out, _ = run
     image = jlrp.image.load_png(out / "curves.png")
-    assert image.shape[:2] == (350, 500)  # plot_curves: 5 x 3.5 inches at 100 dpi
+    assert image.shape[:2] == (350, 700)  # plot_curves: 7 x 3.5 inches at 100 dpi
     assert image.std() > 0  # not blank
 
 

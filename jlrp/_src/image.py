@@ -270,7 +270,8 @@ def plot_curves(curves: dict[str, np.ndarray], path: str | Path, xlabel: str = "
     except ImportError as e:
         raise ImportError("install jlrp[plot] for plots") from e
     # A bare Figure on an Agg canvas: no pyplot, so no global backend switch or figure leaks.
-    fig = Figure(figsize=(5, 3.5), dpi=100)
+    # wide enough for the legend beside the axes, where it cannot hide a curve
+    fig = Figure(figsize=(7, 3.5), dpi=100)
     FigureCanvasAgg(fig)
     ax = fig.add_subplot()
     for name, ys in curves.items():
@@ -278,7 +279,7 @@ def plot_curves(curves: dict[str, np.ndarray], path: str | Path, xlabel: str = "
         ax.plot(np.arange(len(ys)) if x is None else np.asarray(x).ravel(), ys, label=name)
     ax.set(xlabel=xlabel, ylabel=ylabel, title=title)
     if curves:
-        ax.legend()
+        ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), fontsize="small", frameon=False)
     ax.grid(alpha=0.3)
     fig.tight_layout()
     path = Path(path)
