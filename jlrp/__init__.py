@@ -15,10 +15,11 @@ from jlrp._src.api import (LayerRelevance, Report, deconvnet, guided_backprop, l
 from jlrp._src.attribution import gradient, input_x_gradient, integrated_gradients, occlusion, smoothgrad
 from jlrp._src.composites import Composite, module_path, param_path
 from jlrp._src.layers import LayerInfo, UnsupportedPrimitiveError
+from jlrp._src.stream import explain_dataset
 
 __all__ = [
     "Composite", "LayerInfo", "LayerRelevance", "Report", "UnsupportedPrimitiveError", "composites", "datasets",
-    "deconvnet", "evaluation", "gradient", "guided_backprop", "image", "input_x_gradient",
+    "deconvnet", "evaluation", "explain_dataset", "gradient", "guided_backprop", "image", "input_x_gradient",
     "integrated_gradients", "lrp", "module_path", "occlusion", "param_path", "patterns", "register_rule", "report",
     "rules",
     "smoothgrad", "svm", "transform", "vjp",

@@ -86,6 +86,12 @@ def explain_dataset(explain_fn: Callable[[Any, Any], jax.Array], batches: Iterab
     Returns:
       The relevance of all samples concatenated along axis 0: a ``np.ndarray``, or the ``np.memmap`` on ``out``.
 
+    Example::
+
+        explain = jlrp.lrp(model.apply, jlrp.composites.epsilon_plus_flat(), argnums=1)
+        relevance = explain_dataset(lambda x, t: explain(params, x, target=t), loader,
+                                    out="relevance.npy", total=len(dataset))
+
     The next batch is dispatched before the previous result is copied to the host, so loading, device
     compute and the host copy overlap.
 
@@ -141,8 +147,11 @@ def explain_dataset(explain_fn: Callable[[Any, Any], jax.Array], batches: Iterab
     try:
         for batch in batches:
             x, target = _split(batch)
+            x = x if hasattr(x, "shape") else np.asarray(x)
             n = x.shape[0]
             rows = _per_row(target, n)
+            if rows and not hasattr(target, "shape"):
+                target = np.asarray(target)
             padded = n
             if sharding is not None:
                 padded = -(-n // len(sharding.device_set)) * len(sharding.device_set)

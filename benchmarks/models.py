@@ -1,0 +1,113 @@
+"""Benchmark models in Flax linen (random init, eval mode): VGG-16, ResNet-18 with BatchNorm, an MLP and a small
+transformer encoder. ``build(name, batch)`` returns ``(apply, variables, x)`` with ``apply(variables, x) -> logits``."""
+from __future__ import annotations
+
+from typing import Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+VGG16 = (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M")
+
+
+class VGG(nn.Module):
+    """VGG-16 (configuration D): 13 3x3 convs with ReLU, 5 max pools, 3 dense layers (dropout off)."""
+    classes: int = 1000
+    width: int = 4096
+
+    @nn.compact
+    def __call__(self, x):
+        for v in VGG16:
+            if v == "M":
+                x = nn.max_pool(x, (2, 2), (2, 2))
+            else:
+                x = nn.relu(nn.Conv(v, (3, 3))(x))
+        x = x.reshape(x.shape[0], -1)
+        x = nn.relu(nn.Dense(self.width)(x))
+        x = nn.relu(nn.Dense(self.width)(x))
+        return nn.Dense(self.classes)(x)
+
+
+class BasicBlock(nn.Module):
+    features: int
+    stride: int = 1
+
+    @nn.compact
+    def __call__(self, x):
+        bn = lambda: nn.BatchNorm(use_running_average=True)  # noqa: E731  (eval mode)
+        y = nn.relu(bn()(nn.Conv(self.features, (3, 3), self.stride, use_bias=False)(x)))
+        y = bn()(nn.Conv(self.features, (3, 3), use_bias=False)(y))
+        if x.shape != y.shape:
+            x = bn()(nn.Conv(self.features, (1, 1), self.stride, use_bias=False)(x))
+        return nn.relu(x + y)
+
+
+class ResNet18(nn.Module):
+    classes: int = 1000
+
+    @nn.compact
+    def __call__(self, x):
+        x = nn.Conv(64, (7, 7), 2, padding=[(3, 3), (3, 3)], use_bias=False)(x)
+        x = nn.relu(nn.BatchNorm(use_running_average=True)(x))
+        x = nn.max_pool(x, (3, 3), (2, 2), padding=[(1, 1), (1, 1)])
+        for i, f in enumerate((64, 128, 256, 512)):
+            x = BasicBlock(f, 1 if i == 0 else 2)(x)
+            x = BasicBlock(f)(x)
+        return nn.Dense(self.classes)(x.mean(axis=(1, 2)))
+
+
+class MLP(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        x = nn.relu(nn.Dense(1024)(x))
+        x = nn.relu(nn.Dense(1024)(x))
+        return nn.Dense(10)(x)
+
+
+class Encoder(nn.Module):
+    """Pre-LN transformer encoder on embedded inputs (batch, seq, dim); mean-pooled, 10 classes."""
+    layers: int = 4
+    dim: int = 128
+    heads: int = 4
+
+    @nn.compact
+    def __call__(self, x):
+        x = x + self.param("pos", nn.initializers.normal(0.02), x.shape[1:])
+        for _ in range(self.layers):
+            x = x + nn.MultiHeadDotProductAttention(num_heads=self.heads)(nn.LayerNorm()(x))
+            x = x + nn.Dense(self.dim)(nn.gelu(nn.Dense(4 * self.dim)(nn.LayerNorm()(x))))
+        return nn.Dense(10)(nn.LayerNorm()(x).mean(axis=1))
+
+
+def _randomise_bn(variables):
+    """Non-trivial BatchNorm statistics, so canonisation is not a no-op."""
+    def f(path, v):
+        key = jax.random.key(hash(jax.tree_util.keystr(path)) % (2 ** 31))
+        name = jax.tree_util.keystr(path)
+        if "mean" in name:
+            return 0.1 * jax.random.normal(key, v.shape, v.dtype)
+        if "var" in name:
+            return jax.random.uniform(key, v.shape, v.dtype, 0.5, 1.5)
+        return v
+    return {**variables, "batch_stats": jax.tree_util.tree_map_with_path(f, variables["batch_stats"])}
+
+
+MODELS: dict[str, tuple[Callable[[], nn.Module], tuple[int, ...]]] = {
+    "vgg16-64": (lambda: VGG(), (64, 64, 3)),
+    "vgg16-224": (lambda: VGG(), (224, 224, 3)),
+    "resnet18-224": (lambda: ResNet18(), (224, 224, 3)),
+    "mlp": (lambda: MLP(), (784,)),
+    "transformer": (lambda: Encoder(), (64, 128)),
+}
+
+
+def build(name: str, batch: int):
+    """Return ``(apply, variables, x)`` for model ``name`` and a random batch of ``batch`` inputs."""
+    make, shape = MODELS[name]
+    model = make()
+    x = jax.random.normal(jax.random.key(0), (batch, *shape), jnp.float32)
+    variables = jax.jit(model.init)(jax.random.key(1), x[:1])
+    if "batch_stats" in variables:
+        variables = _randomise_bn(variables)
+    return model.apply, variables, x

@@ -1,0 +1,111 @@
+"""explain_dataset: streamed == one big batch (unsharded, sharded over 4 host devices), memmap == in memory."""
+import os
+import subprocess
+import sys
+import textwrap
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jlrp
+from jlrp._src.stream import explain_dataset
+
+
+class CNN(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        x = nn.relu(nn.Conv(4, (3, 3))(x))
+        x = nn.avg_pool(x, (2, 2), (2, 2))
+        x = x.reshape(x.shape[0], -1)
+        return nn.Dense(3)(nn.relu(nn.Dense(8)(x)))
+
+
+def _setup(n=19):
+    """An explain function ``(x, target) -> relevance`` with params closed over, and a dataset of n samples."""
+    model = CNN()
+    x = np.asarray(jax.random.normal(jax.random.key(0), (n, 6, 6, 1)))
+    params = model.init(jax.random.key(1), x[:1])
+    explain = jlrp.lrp(model.apply, jlrp.composites.epsilon_plus_flat(), argnums=1)
+    targets = np.arange(n) % 3
+    return (lambda x, t: explain(params, x, target=t)), x, targets
+
+
+def _batches(x, t, size=8):  # 19 samples -> 8, 8, 3: the last batch is smaller
+    return [(x[i:i + size], t[i:i + size]) for i in range(0, len(x), size)]
+
+
+def _close(a, b):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-5, atol=1e-6)
+
+
+def test_stream_equals_one_batch_and_compiles_once():
+    fn, x, t = _setup()
+    traces = []
+
+    def counted(x, t):
+        traces.append(x.shape)
+        return fn(x, t)
+
+    big = jax.jit(fn)(x, t)
+    r = explain_dataset(counted, _batches(x, t), progress=False)
+    assert type(r) is np.ndarray and r.shape == x.shape
+    _close(r, big)
+    assert traces == [(8, 6, 6, 1)]  # the last batch is padded to the first one's size: one compilation
+    r2 = explain_dataset(jax.jit(counted), _batches(x, t), progress=False, fixed_shape=False)
+    _close(r2, big)
+    # arrays without targets: the argmax is explained
+    _close(explain_dataset(fn, [x[:10], x[10:]], progress=False), jax.jit(fn)(x, None))
+
+
+def test_memmap_equals_in_memory(tmp_path):
+    fn, x, t = _setup()
+    mem = explain_dataset(fn, _batches(x, t), progress=False)
+    # total inferred from len(batches) * first batch size (24), then trimmed to 19
+    disk = explain_dataset(fn, _batches(x, t), out=tmp_path / "a.npy", progress=True)
+    assert isinstance(disk, np.memmap)
+    np.testing.assert_array_equal(np.load(tmp_path / "a.npy"), mem)
+    assert os.path.getsize(tmp_path / "a.npy") == 128 + mem.nbytes
+    # a generator with an explicit total
+    disk = explain_dataset(fn, iter(_batches(x, t)), out=tmp_path / "b.npy", total=len(x), progress=False)
+    np.testing.assert_array_equal(disk, mem)
+    np.testing.assert_array_equal(np.load(tmp_path / "b.npy", mmap_mode="r"), mem)
+    with pytest.warns(UserWarning, match="trimmed"):  # an explicit total that is too large
+        disk = explain_dataset(fn, _batches(x, t), out=tmp_path / "e.npy", total=30, progress=False)
+    np.testing.assert_array_equal(np.load(tmp_path / "e.npy"), mem)
+    with pytest.raises(ValueError, match="total="):
+        explain_dataset(fn, iter(_batches(x, t)), out=tmp_path / "c.npy", progress=False)
+    with pytest.raises(ValueError, match="more samples"):
+        explain_dataset(fn, _batches(x, t), out=tmp_path / "d.npy", total=10, progress=False)
+
+
+def test_sharded_stream_equals_one_batch():
+    code = textwrap.dedent("""
+        import os
+        os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
+        import sys; sys.path.insert(0, %r)
+        import jax, numpy as np
+        from test_stream import _setup, _batches, _close
+        from jlrp._src.stream import explain_dataset
+        assert len(jax.devices()) == 4, jax.devices()
+        fn, x, t = _setup()
+        seen = []
+
+        def spy(x, t):
+            jax.debug.inspect_array_sharding(x, callback=lambda s: seen.append(len(s.device_set)))
+            return fn(x, t)
+
+        big = jax.jit(fn)(x, t)
+        for fixed in (True, False):  # without fixed_shape the last batch (3) is padded to 4 only
+            seen.clear()
+            r = explain_dataset(spy, _batches(x, t, size=6), shard=True, progress=False, fixed_shape=fixed)
+            assert r.shape == x.shape
+            _close(r, big)
+            assert seen and set(seen) == {4}, seen
+        print("SHARDED-OK")
+    """) % os.path.dirname(__file__)
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert "SHARDED-OK" in proc.stdout, proc.stdout + proc.stderr
