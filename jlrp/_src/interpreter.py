@@ -376,8 +376,4 @@ def run(plan: Plan, flat_args: list, probes: dict | None = None) -> list:
             consts = [jax.lax.stop_gradient(env[v]) if v in plan.active else read(v) for v in layer.consts]
             env[layer.output] = _emit(g, layer, [env[v] for v in layer.inputs], consts,
                                       probes.get(f"layer{layer.info.index}"))
-    return [jnp.asarray(v.val, g_dtype(v)) if isinstance(v, Lit) else env[v] for v in g.outputs]
-
-
-def g_dtype(lit: Lit):
-    return getattr(lit.val, "dtype", None)
+    return [jnp.asarray(v.val) if isinstance(v, Lit) else env[v] for v in g.outputs]

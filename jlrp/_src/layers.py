@@ -451,8 +451,8 @@ class _Analysis:
         return Layer(node.prim.name, [i], act, outs[0] if outs else node.outputs[0], body=bodies, flags=flags)
 
     def _describe(self, layers: list[Layer]) -> None:
-        linear = {id(l): k for k, l in enumerate(l for l in layers if l.kind in ("dense", "conv"))}
-        convs = {id(l): k for k, l in enumerate(l for l in layers if l.kind == "conv")}
+        """Fill each layer's consts, sign facts and LayerInfo (positions among dense/conv layers are numbered
+        over the whole program, loop bodies included, by the tracer afterwards)."""
         for k, layer in enumerate(layers):
             head = self.g.nodes[layer.nodes[0]]
             produced = {v for n in layer.nodes for v in self.g.nodes[n].outputs}
@@ -463,9 +463,9 @@ class _Analysis:
                                           if v not in self.active)))
             layer.info = LayerInfo(
                 index=k, kind=layer.kind, primitive=head.prim.name, module=head.name, params=tuple(params),
-                linear_index=linear.get(id(layer)), num_linear=len(linear),
+                linear_index=None, num_linear=0,
                 input_shape=_shape(self.g, layer.inputs[0]), output_shape=_shape(self.g, layer.output),
-                conv_index=convs.get(id(layer)), origins=layer.origins, scope=self.scope)
+                origins=layer.origins, scope=self.scope)
 
 
 def fold_axes(head: Node, active_pos: int, w_ndim: int, out_ndim: int) -> dict[int, int] | None:
