@@ -56,14 +56,19 @@ class _Transformed:
             self._tracers[nums] = Tracer(self.fn, self.composite, nums)
         return self._tracers[nums]
 
-    def call(self, args: tuple, kwargs: dict, probes: dict | None = None):
+    def plan(self, args: tuple, kwargs: dict):
+        """Check the arguments; the (cached) analysed plan and the output's tree structure."""
         _check_args(args, self.argnums, "jlrp")
-        plan, out_tree = self.tracer(args).plan(args, kwargs)
-        flat = run(plan, dynamic_leaves(plan, args), probes)
-        return jax.tree_util.tree_unflatten(out_tree, flat), plan
+        return self.tracer(args).plan(args, kwargs)
+
+    @staticmethod
+    def run(planned, args: tuple, probes: dict | None = None):
+        """Evaluate a plan from :meth:`plan` on ``args`` (any values with the avals it was traced for)."""
+        plan, out_tree = planned
+        return jax.tree_util.tree_unflatten(out_tree, run(plan, dynamic_leaves(plan, args), probes))
 
     def __call__(self, *args, **kwargs):
-        return self.call(args, kwargs)[0]
+        return self.run(self.plan(args, kwargs), args)
 
 
 def transform(fn: Callable, composite: Composite | Any = None, *, argnums: int | Sequence[int] = 0) -> Callable:
@@ -138,19 +143,19 @@ def _token_relevance(ids, root_cts: list) -> jax.Array:
 
 def _explain(transformed: "_Transformed", args: tuple, kwargs: dict, target, relevance, single: bool,
              report: bool, seed: str = "logit"):
-    _check_args(args, transformed.argnums, "jlrp")
+    planned = transformed.plan(args, kwargs)
+    plan = planned[0]
     nums = _normalise(args, transformed.argnums)
-    plan, _ = transformed.tracer(args).plan(args, kwargs)
     probes = {f"root{k}": jnp.zeros(plan.graph.avals[v].shape, plan.graph.avals[v].dtype)
               for k, v in enumerate(plan.roots)}
     if report:
         for l in plan.layers:
             dtype = plan.graph.avals[l.output].dtype
             probes[f"layer{l.info.index}"] = (jnp.zeros(l.info.output_shape, dtype),
-                                    jnp.zeros((), jnp.promote_types(dtype, jnp.float32)))
+                                              jnp.zeros((), jnp.promote_types(dtype, jnp.float32)))
 
-    def f(xs, probes):
-        return transformed.call(_replace(args, nums, xs), kwargs, probes)[0]
+    def f(xs, probes):  # the explained arguments are replaced by values of the same avals: same plan
+        return transformed.run(planned, _replace(args, nums, xs), probes)
 
     out, pullback = jax.vjp(f, tuple(args[a] for a in nums), probes)
     if seed == "mask" and relevance is None:  # gradient-type methods: d f_target / d x

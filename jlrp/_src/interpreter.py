@@ -237,8 +237,9 @@ def _rule_backward(graph: Graph, layer: Layer, xs, consts, out, relevance):
         _, pullback = jax.vjp(lambda *a: _replay(graph, layer, a, consts), *xs)
         r_in = pullback(relevance)
     r_in = tuple(r.astype(x.dtype) for r, x in zip(r_in, xs))
-    if absorbed is None:
-        absorbed = jnp.sum(relevance.astype(jnp.float32)) - sum(jnp.sum(r.astype(jnp.float32)) for r in r_in)
+    if absorbed is None:  # rules without denominators: measured (in at least float32, float64 under x64)
+        dtype = jnp.promote_types(relevance.dtype, jnp.float32)
+        absorbed = jnp.sum(relevance.astype(dtype)) - sum(jnp.sum(r.astype(dtype)) for r in r_in)
     return r_in, absorbed
 
 
@@ -280,10 +281,15 @@ TAP: contextvars.ContextVar = contextvars.ContextVar("jlrp_tap", default=None)
 
 
 def _emit(graph: Graph, layer: Layer, xs, consts, probe):
+    out = _emit_rule(graph, layer, xs, consts, probe)
     tap = TAP.get()
     if tap is not None and layer.kind in ("dense", "conv"):
         op, weight, bias = _canonical_linear(graph, layer, xs[0], consts)
-        tap(layer.info, xs[0], op, weight, bias, _replay(graph, layer, xs, consts))
+        tap(layer.info, xs[0], op, weight, bias, out)
+    return out
+
+
+def _emit_rule(graph: Graph, layer: Layer, xs, consts, probe):
     if isinstance(layer.rule, R.Native) and probe is None:
         return _replay(graph, layer, xs, consts)
 

@@ -234,7 +234,7 @@ def _shared_plan(rule: Rule, n_inputs: int, weight, nonneg: Sequence[bool], reus
     b in {W, W+}, if every modifier is :class:`Affine` and this costs fewer passes than term by term."""
     if n_inputs != 1 or weight is None or not isinstance(weight, jax.Array):
         return None
-    groups, pairs, vjps, generic = [], set(), set(), 0
+    groups, pairs, generic = [], set(), 0  # generic: passes the term-by-term path would need
     for group in rule.groups:
         coefs = []
         for t in group.terms:
@@ -248,9 +248,8 @@ def _shared_plan(rule: Rule, n_inputs: int, weight, nonneg: Sequence[bool], reus
             if c:
                 generic += 1 + (0 if reuse and set(c) == {(0, 0)} and a[0] == 1 and b[0] == 1 else 1)
         groups.append(coefs)
-    vjps = pairs
-    forwards = {p for p in pairs if not (reuse and p == (0, 0))}
-    return groups if len(forwards) + len(vjps) < generic else None
+    forwards = {p for p in pairs if not (reuse and p == (0, 0))}  # op(x; W) is the layer's own output
+    return groups if len(forwards) + len(pairs) < generic else None  # one VJP per basis pair
 
 
 def _propagate_shared(rule: Rule, plan, op, x, weight, bias, relevance, z, reuse):
