@@ -4,7 +4,6 @@ import subprocess
 import sys
 import textwrap
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -14,13 +13,7 @@ import jlrp
 from jlrp._src.stream import explain_dataset
 
 
-class CNN(nn.Module):
-    @nn.compact
-    def __call__(self, x):
-        x = nn.relu(nn.Conv(4, (3, 3))(x))
-        x = nn.avg_pool(x, (2, 2), (2, 2))
-        x = x.reshape(x.shape[0], -1)
-        return nn.Dense(3)(nn.relu(nn.Dense(8)(x)))
+from test_api import CNN  # the same small CNN as the API contract tests
 
 
 def _setup(n=19):
