@@ -337,7 +337,7 @@ def _dense_layout(op, x, w) -> bool | None:
 
 
 def rho(fn: Callable, args: Sequence, patterns_or_estimator: Patterns | str, batches: Iterable, *,
-        argnums: int = 0, holdout: float = 0.5, seed: int = 0) -> dict[int, float]:
+        argnums: int = 0, holdout: float = 0.5, seed: int = 0, by_sign: bool = False) -> dict[int, float]:
     """Signal-estimator quality per dense layer, averaged over its output units (higher is better):
 
         rho(S) = 1 - max_v corr(w^T x, v^T (x - S(x)))
@@ -345,6 +345,15 @@ def rho(fn: Callable, args: Sequence, patterns_or_estimator: Patterns | str, bat
     An estimator ``S`` is good when the distractor it leaves, ``x - S(x)``, carries no information about
     the output ``y = w^T x``. ``v`` is fitted by least squares (with intercept) on the first
     ``1 - holdout`` of the samples and the correlation measured on the rest.
+
+    ``by_sign=True`` lets ``v`` depend on the sign of ``y`` (one ``v`` for ``y > 0``, one for ``y <= 0``,
+    a shared intercept): the read-out a ReLU unit affords, since whether it fires is visible downstream.
+    Why it matters: both fitted patterns leave ``cov(x - S(x), y) = 0`` exactly on the data they were
+    fitted on (the two-component formula uses ``E[y]`` over all samples so that its two components add
+    up to that), so with one ``v`` both score 1 up to estimation noise and tie. Only the two-component
+    pattern also zeroes ``cov((x - S(x)) 1[y > 0], y)`` and ``cov((x - S(x)) 1[y <= 0], y)``; with
+    ``by_sign`` it is the exact optimum and the linear pattern is not (Kindermans et al.'s ordering
+    S_w < S_a < S_a+- on ReLU layers).
 
     Estimators: a :class:`Patterns` (its kind: 'linear' ``S(x) = a y``; 'two_component'
     ``S(x) = a_+ y`` if ``y > 0`` else ``a_- y``), 'filter' (``S(x) = w y / (w^T w)``) or 'random' (a
@@ -398,44 +407,36 @@ def rho(fn: Callable, args: Sequence, patterns_or_estimator: Patterns | str, bat
         cut = int(round(len(x) * (1 - holdout)))
         if not 0 < cut < len(x):
             raise ValueError(f"rho: {len(x)} samples cannot be split with holdout={holdout}")
-        result[k] = _rho_layer(x[:cut], x[cut:], w, pos, neg)
+        result[k] = _rho_layer(x[:cut], x[cut:], w, pos, neg, by_sign)
     return result
 
 
-def _rho_layer(x, x_eval, w, pos, neg, chunk: int = 16) -> float:
-    """Mean over units of ``1 - corr(y, v^T d)`` on ``x_eval``, ``v`` fitted on ``x``.
+def _distractor(x, y, a, b, by_sign: bool):
+    """Regressors for one unit: ``d = x - (a if y > 0 else b) y``, split into ``[d 1[y > 0], d 1[y <= 0]]``
+    when ``by_sign``; plus a column of ones (the intercept)."""
+    d = x - np.where(y[:, None] > 0, a, b) * y[:, None]
+    if by_sign:
+        fires = (y > 0)[:, None]
+        d = np.concatenate([d * fires, d * ~fires], axis=1)
+    return np.concatenate([d, np.ones((len(x), 1))], axis=1)
 
-    The distractor of unit j is ``d = x - a y_+ - b y_-`` (``y_+ = max(y, 0)``, ``y_- = min(y, 0)``, ``a``
-    and ``b`` the estimator's directions for either sign), so the normal equations of every unit follow
-    from the covariances of ``[x, y_+, y_-]``: no per-unit design matrix, one small solve per unit. A
-    ridge of 1e-9 of the mean eigenvalue makes rank-deficient inputs (dead relus) solvable; it gives zero
-    weight to directions without variance and does not change the fit otherwise.
+
+def _rho_layer(x, x_eval, w, pos, neg, by_sign: bool) -> float:
+    """Mean over units of ``1 - corr(y, v^T d)`` on ``x_eval``, ``v`` fitted on ``x`` by least squares.
+
+    A ridge of 1e-9 of the mean eigenvalue makes rank-deficient inputs (dead relus) solvable; it gives
+    zero weight to directions without variance and does not change the fit otherwise.
     """
     y, y_eval = x @ w, x_eval @ w
-    xc = x - x.mean(0)
-    yp, ym = np.maximum(y, 0), np.minimum(y, 0)
-    yp, ym = yp - yp.mean(0), ym - ym.mean(0)
-    sxx, sxp, sxm = xc.T @ xc, xc.T @ yp, xc.T @ ym
-    spp, smm, spm = (yp * yp).sum(0), (ym * ym).sum(0), (yp * ym).sum(0)
-    col = lambda m, u: m[:, u].T[:, :, None]  # (in, units) -> (units, in, 1)
-    t = lambda m: np.swapaxes(m, 1, 2)
     scores = []
-    for lo in range(0, w.shape[1], chunk):  # chunks of units bound the (units, in, in) memory
-        u = slice(lo, lo + chunk)
-        a, b, cp, cm = col(pos, u), col(neg, u), col(sxp, u), col(sxm, u)
-        p_, m_, pm = spp[u, None, None], smm[u, None, None], spm[u, None, None]
-        gram = (sxx - cp @ t(a) - a @ t(cp) - cm @ t(b) - b @ t(cm)  # D^T D
-                + p_ * a @ t(a) + pm * (a @ t(b) + b @ t(a)) + m_ * b @ t(b))
-        rhs = (cp + cm) - a * (p_ + pm) - b * (pm + m_)  # D^T y
-        ridge = 1e-9 * np.trace(gram, axis1=1, axis2=2)[:, None, None] / gram.shape[1]
-        v = np.linalg.solve(gram + ridge * np.eye(gram.shape[1]), rhs)  # (units, in, 1)
-        ye = y_eval[:, u]
-        # v^T d on held-out data, d = x - a y_+ - b y_-
-        pred = x_eval @ v[:, :, 0].T - np.maximum(ye, 0) * (t(a) @ v)[:, 0, 0] \
-            - np.minimum(ye, 0) * (t(b) @ v)[:, 0, 0]
-        for j in range(ye.shape[1]):
-            if np.std(ye[:, j]) == 0 or np.std(y[:, lo + j]) == 0:
-                continue  # a constant unit has no signal to separate
-            corr = 0.0 if np.std(pred[:, j]) == 0 else np.corrcoef(ye[:, j], pred[:, j])[0, 1]
-            scores.append(1.0 - corr)
+    for j in range(w.shape[1]):
+        if np.std(y_eval[:, j]) == 0 or np.std(y[:, j]) == 0:
+            continue  # a constant unit has no signal to separate
+        d = _distractor(x, y[:, j], pos[:, j], neg[:, j], by_sign)
+        gram = d.T @ d
+        ridge = 1e-9 * np.trace(gram) / len(gram)
+        v = np.linalg.solve(gram + ridge * np.eye(len(gram)), d.T @ y[:, j])
+        pred = _distractor(x_eval, y_eval[:, j], pos[:, j], neg[:, j], by_sign) @ v
+        corr = 0.0 if np.std(pred) == 0 else np.corrcoef(y_eval[:, j], pred)[0, 1]
+        scores.append(1.0 - corr)
     return float(np.mean(scores)) if scores else float("nan")
