@@ -11,19 +11,27 @@ Pipeline (all JAX, batched over the leading image axis, jit-able)::
 
 The LRP decomposition (``explain_svm``) walks this pipeline backwards:
 
-    R_d   = sum_i c_i min(x_{i,d}, h_d) + b / D                  BoW dimension d  (sum_d R_d = f(x))
+    R_d   = sum_i c_i min(x_{i,d}, h_d)  [+ b / D]               BoW dimension d
     R_p   = sum_d R_d * s a_{p,d} / h_d    (0 where h_d = 0)     local feature p  (its share of h_d)
-    R_uv  = sum_p R_p * [uv in patch p] / patch**2               pixel (u, v)
+    R_uv  = sum_p R_p * q_p(u, v)                                pixel (u, v), q_p sums to 1 over patch p
 
-Bias convention: the bias b is split equally over the D BoW dimensions (b / D each). Where h_d = 0 no
-local feature contributes to dimension d; its kernel term sum_i c_i min(x_{i,d}, 0) is exactly 0, so the
-only relevance that cannot travel further down is that dimension's bias share. Hence
+Bias: ``bias='absorb'`` (default) keeps b out of the decomposition, as LRP's bias absorbs its share of a
+layer: the kernel part is f(x) - f(empty histogram) = f(x) - b, so ``sum_d R_d = sum_uv R_uv = f(x) - b``.
+``bias='spread'`` splits b equally over the D BoW dimensions (b / D each, the convention of Bach et al.):
+``sum_d R_d = f(x)``; where h_d = 0 no local feature contributes to dimension d (its kernel term is exactly
+0), so only that dimension's bias share stays behind: ``sum_uv R_uv = f(x) - (b / D) #{d : h_d = 0}``.
+Either way ``undistributed = f(x) - sum_uv R_uv`` is returned.
 
-    sum_d R_d = f(x),      sum_p R_p = sum_uv R_uv = f(x) - (b / D) * #{d : h_d = 0}  ("undistributed").
+The first step is derived by jlrp's LRP interpreter from the jaxpr of the kernel terms (``min`` with a
+support vector is an elementwise region, the sum over dimensions a sum layer split proportionally); the
+pooling step is one exact proportional split; the descriptor-to-pixel step is specific to patch
+descriptors. tests/test_svm.py checks every level against a loop transcription of these formulas.
 
-The decomposition is written out explicitly here. Future work: obtain it from jlrp's generic LRP
-interpreter acting on the jaxpr of ``decision_function`` (needs a rule for the ``min`` of the kernel and
-a sum-pooling rule), and check it against this reference implementation.
+Pixels: ``pixels='energy'`` (default) splits a patch's relevance over its pixels in proportion to their
+share of the descriptor's squared norm, ``q_p(u, v) = x_p(u, v)^2 / |x_p|^2`` (channels summed; for
+centred descriptors the deviations from the patch mean): the deep-Taylor share with the blank patch as
+root point, so blank pixels, which carry nothing of the descriptor, get nothing (an all-zero descriptor
+falls back to uniform). ``pixels='uniform'`` spreads it evenly over the footprint, ``q = 1 / patch**2``.
 """
 from __future__ import annotations
 
@@ -35,6 +43,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+
+from . import rules
+from .api import lrp
+from .composites import Composite
 
 Array = jax.Array
 
@@ -323,11 +335,11 @@ class SVMExplanation:
 
     Attributes:
       decision: (N,) f(x).
-      dims: (N, D) R_d, including the bias share b/D; sums to f(x).
+      dims: (N, D) R_d, including the bias share; sums to f(x) (bias='spread') or f(x) - b ('absorb').
       features: (N, P) R_p; sums to f(x) - undistributed.
       pixels: (N, H, W) R_uv; sums to f(x) - undistributed (channels are summed).
-      bias_share: () b / D, the bias relevance given to every BoW dimension.
-      undistributed: (N,) (b / D) * #{d : h_d = 0}, the bias share of empty bins (stays at the BoW level).
+      bias_share: () the bias relevance given to every BoW dimension: b / D ('spread') or 0 ('absorb').
+      undistributed: (N,) f(x) - sum R_uv: b ('absorb') or (b / D) #{d : h_d = 0} ('spread').
     """
     decision: Array
     dims: Array
@@ -337,29 +349,69 @@ class SVMExplanation:
     undistributed: Array
 
 
-def explain_svm(model: BowSVM, images: Array) -> SVMExplanation:
+def _pixel_weights(desc: Array, rule: str) -> Array:
+    """Per descriptor entry the share q of its patch's relevance (entries of one patch sum to 1)."""
+    if rule == "uniform":
+        return jnp.full_like(desc, 1.0 / desc.shape[-1])
+    if rule != "energy":
+        raise ValueError(f"pixels must be 'energy' or 'uniform', got {rule!r}")
+    e = desc * desc
+    total = e.sum(-1, keepdims=True)
+    return jnp.where(total > 0, e / jnp.where(total > 0, total, 1.0), 1.0 / desc.shape[-1])
+
+
+_SUM_RULES = Composite([("sum", rules.norm(1e-12))], "hik")  # proportional split, ~exact
+
+
+def _kernel_terms(h: Array, support: Array, coef: Array) -> Array:
+    """``c_i k(x_i, h)`` for every image and support vector: (N, m)."""
+    return jnp.minimum(h[:, None, :], support[None]).sum(-1) * coef
+
+
+_explain_kernel = lrp(_kernel_terms, _SUM_RULES)
+
+
+def explain_svm(model: BowSVM, images: Array, *, bias: Literal["absorb", "spread"] = "absorb",
+                pixels: Literal["energy", "uniform"] = "energy") -> SVMExplanation:
     """LRP for the BoW kernel SVM (Bach et al. 2015), explaining f(x) itself (no target selection).
 
-        R_d  = sum_i c_i min(x_{i,d}, h_d) + b / D
+        R_d  = sum_i c_i min(x_{i,d}, h_d)  [+ b / D with bias='spread']
         R_p  = sum_d R_d * s a_{p,d} / h_d             (s a_{p,d} / h_d is p's share of the pooled h_d;
                                                          defined as 0 where h_d = 0, where a_{p,d} = 0 too)
-        R_uv = sum_p R_p * footprint_p(u, v) / patch**2
+        R_uv = sum_p R_p * q_p(u, v)                   (q_p: 'energy' or 'uniform' share of pixel uv in p)
+
+    See the module docstring for the two bias conventions and the two pixel rules.
 
     Args:
       model: a trained ``BowSVM``; images: (N, H, W[, C]).
+      bias: 'absorb' (``sum R = f(x) - b``) or 'spread' (``b / D`` per BoW dimension).
+      pixels: 'energy' or 'uniform'.
     Returns:
-      SVMExplanation; jit-able with ``jax.jit(explain_svm)(model, images)``.
+      SVMExplanation; jit-able with ``jax.jit(explain_svm, static_argnames=("bias", "pixels"))``.
     """
-    h, a, foot = model.features(images)
-    n_patches, dim = a.shape[1], h.shape[-1]
-    scale = 1.0 / n_patches if model.config.normalize else 1.0
-    bias_share = model.bias / dim
-    # Sum-decomposable kernel: per-dimension terms of sum_i c_i k(x_i, h), (N, m, D) -> (N, D).
-    r_dims = jnp.einsum("nmd,m->nd", jnp.minimum(model.support[None], h[:, None]), model.coef) + bias_share
+    if bias not in ("absorb", "spread"):
+        raise ValueError(f"bias must be 'absorb' or 'spread', got {bias!r}")
+    cfg = model.config
+    desc, _ = patch_descriptors(images, cfg.patch, cfg.stride, cfg.center)
+    h, a = bow(desc, model.codebook, cfg.assignment, cfg.beta, "sum", cfg.normalize)
+    bias_share = model.bias / h.shape[-1] if bias == "spread" else jnp.zeros_like(model.bias)
+    # Decision value -> BoW dimensions by jlrp's interpreter on the kernel's own jaxpr: min(h, x_i) is an
+    # elementwise region (pass), the sum over dimensions a sum layer (proportional split). Seeded with the
+    # per-support-vector terms c_i k(x_i, h), it gives R_d = sum_i c_i min(x_{i,d}, h_d).
+    terms = _kernel_terms(h, model.support, model.coef)
+    r_dims = _explain_kernel(h, model.support, model.coef, relevance=terms) + bias_share
+    # -> local features: each patch's share of the pooled count, written out so that a bin with h_d = 0
+    # is exactly empty (a stabilised split would also swallow the bias share of bins with h_d ~ 1e-300)
     empty = h <= 0
-    share = scale * a / jnp.where(empty, 1.0, h)[:, None, :]  # (N, P, D); columns sum to 1 unless empty
+    share = (1.0 / a.shape[1] if cfg.normalize else 1.0) * a / jnp.where(empty, 1.0, h)[:, None, :]
     r_feat = jnp.einsum("npd,nd->np", share, r_dims)
-    r_pix = jnp.einsum("np,phw->nhw", r_feat, jnp.asarray(foot, r_feat.dtype)) / model.config.patch ** 2
+    # patches -> pixels: the transpose of the patch gather scatters each entry's share back to its pixel
+    r_entries = r_feat[..., None] * _pixel_weights(desc, pixels)
+    x = _as_nhwc(images).astype(r_entries.dtype)
+    _, scatter = jax.vjp(lambda im: patch_descriptors(im, cfg.patch, cfg.stride)[0], x)
+    r_pix = scatter(r_entries)[0].sum(-1)
     decision = hik_kernel(h, model.support) @ model.coef + model.bias  # computed directly, not from r_dims
+    # what stays behind, from the convention (not measured: the tests compare it with the sums)
+    kept = jnp.broadcast_to(model.bias, decision.shape) if bias == "absorb" else bias_share * empty.sum(-1)
     return SVMExplanation(decision=decision, dims=r_dims, features=r_feat, pixels=r_pix,
-                          bias_share=bias_share, undistributed=bias_share * empty.sum(-1))
+                          bias_share=bias_share, undistributed=kept)
