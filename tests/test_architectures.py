@@ -277,6 +277,40 @@ def test_recurrent_scan_equals_unrolled_and_conserves(cell, n_carry, init):
     assert rel_err(r_uni, r_scan) > 1e-3
 
 
+def test_report_itemises_the_scan_body_per_time_step():
+    """The report lists a scan's body layers with one row per layer and the time step as a leading axis;
+    step t of each body layer equals the same layer at step t of the unrolled model, and the whole report
+    still balances (R_out - R_in = absorbed, the scan absorbing what its body does)."""
+    p = _lstm_params(jax.random.key(0))
+    xs = jax.random.normal(jax.random.key(1), (3, T, F))
+    composite = jlrp.Composite([("linear", rules.epsilon(0.05)), ("add", rules.norm(1e-12)),
+                                ("product", rules.uniform(1e-12))])
+    scanned = jlrp.report(_rnn(_lstm_cell, 2, True), composite, argnums=1)(p, xs, target=1)
+    unrolled = jlrp.report(_rnn(_lstm_cell, 2, False), composite, argnums=1)(p, xs, target=1)
+    (scan,) = [l for l in scanned.layers if l.info.kind == "scan"]
+    (body,) = scan.body
+    per_step = len(body)
+    assert scan.rule == "body" and per_step >= 4
+    # the unrolled model: a shorter step 0 (the zero initial state makes h @ U a constant), then T - 1
+    # copies of the body's layers in the body's order, then the output layer
+    first = len(unrolled.layers) - 1 - (T - 1) * per_step
+    for k, row in enumerate(body):
+        assert row.relevance.shape == (T,) + row.info.output_shape and row.absorbed.shape == ()
+        for t in range(1, T):
+            twin = unrolled.layers[first + (t - 1) * per_step + k]
+            assert (twin.info.kind, twin.info.output_shape) == (row.info.kind, row.info.output_shape)
+            np.testing.assert_allclose(row.relevance[t], twin.relevance, rtol=1e-9, atol=1e-12)
+    assert abs(float(scan.absorbed)) > 1e-3  # epsilon: the body does absorb
+    leak = float(jnp.sum(scanned.initial) - jnp.sum(scanned.relevance))
+    np.testing.assert_allclose(leak, sum(float(l.absorbed) for l in scanned.layers), rtol=1e-8)
+    # the scan's own row: relevance at its output (the final hidden state)
+    np.testing.assert_allclose(scan.total, scanned.layers[-1].total - scanned.layers[-1].absorbed, rtol=1e-8)
+    table = scanned.table()
+    assert "| 0.0 |" in table and f"| 0.{per_step - 1} |" in table
+    jitted = jax.jit(jlrp.report(_rnn(_lstm_cell, 2, True), composite, argnums=1))(p, xs, target=1)
+    np.testing.assert_allclose(jitted.layers[0].body[0][0].relevance, body[0].relevance, rtol=1e-10)
+
+
 def test_echo_state_network_and_fori_loop():
     w_in = jax.random.normal(jax.random.key(0), (F, 10)) * 0.5
     w_res = jax.random.normal(jax.random.key(1), (10, 10)) * 0.2
@@ -315,6 +349,20 @@ def test_cond_switch_and_checkpoint_follow_the_taken_branch():
     other = jlrp.lrp(with_cond, rules.epsilon(0.1))(x, False, target=0)
     expected_tanh = jlrp.lrp(lambda x: jnp.tanh(x @ w1) @ w2, rules.epsilon(0.1))(x, target=0)
     assert rel_err(other, expected_tanh) < 1e-12
+    # the report lists both branches and the checkpointed body; only the taken branch carries relevance
+    rep = jlrp.report(with_cond, rules.epsilon(0.1))(x, False, target=0)
+    cond, remat = rep.layers[0], rep.layers[1]
+    assert (cond.info.kind, remat.info.kind) == ("cond", "remat2") and len(cond.body) == 2
+    taken, skipped = cond.body  # the jaxpr's branches are (false, true): index 0, tanh, ran
+    assert [r.info.kind for r in taken] == ["dense", "activation"]
+    assert all(float(jnp.abs(r.relevance).sum()) > 0 for r in taken)
+    assert all(float(jnp.abs(r.relevance).sum()) == 0 for r in skipped)
+    np.testing.assert_allclose(cond.absorbed, taken[0].absorbed, rtol=1e-12)
+    (head,) = remat.body[0]  # h @ w2, the last layer: its output relevance is the initial relevance
+    np.testing.assert_allclose(head.total, rep.initial.sum(), rtol=1e-12)
+    np.testing.assert_allclose(remat.total, head.total, rtol=1e-12)
+    leak = float(jnp.sum(rep.initial) - jnp.sum(rep.relevance))
+    np.testing.assert_allclose(leak, sum(float(l.absorbed) for l in rep.layers), rtol=1e-8)
     sw = lambda x, i: jax.lax.switch(i, [lambda x: x @ w1, lambda x: 2 * (x @ w1)], x) @ w2
     np.testing.assert_allclose(jlrp.lrp(sw, rules.epsilon(1e-9))(x, 1, target=0).sum(1),
                                sw(x, 1)[:, 0], rtol=1e-6)

@@ -379,6 +379,24 @@ def test_float32_accumulation_is_stable():
     np.testing.assert_allclose(pats.a[k], linear_pattern(np.asarray(X_MLP), W1), rtol=1e-3, atol=1e-4)
 
 
+def test_float32_streaming_over_100k_samples():
+    """100 batches of 1000 float32 samples with offsets 10-30x the spread (E[x y] - E[x] E[y] cancels
+    heavily): the streamed float32 patterns match a float64 numpy reference on all the data."""
+    rng = np.random.default_rng(5)
+    offset = np.array([30.0, -20, 10, 5])
+    x = rng.normal(size=(100_000, 4)) * [1, 2, 0.5, 1] + offset
+    w = rng.normal(size=(4, 3))
+    w -= np.outer(offset, offset @ w) / (offset @ offset)  # E[y] = 0: both components occur
+    x32, w32 = x.astype(np.float32), w.astype(np.float32)
+    with jax.enable_x64(False):
+        pats = P.fit(lambda x: x @ w32, (x32[:1],), chunks(x32, 1000))
+    assert pats.a[0].dtype == jnp.float32 and float(pats.count[0]) == 100_000
+    for got, want in [(pats.a[0], component_pattern(x, w, True)), (pats.a_minus[0], component_pattern(x, w, False))]:
+        err = np.abs(np.asarray(got) - want).max() / np.abs(want).max()
+        print(f"\n100k float32 samples: max error {err:.2e} relative to the largest pattern entry")
+        assert err < 1e-3
+
+
 def test_save_load_round_trip(tmp_path):
     pats = P.fit(mlp, (X_MLP,), [X_MLP])
     pats.save(str(tmp_path / "p.npz"))

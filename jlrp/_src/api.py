@@ -11,7 +11,7 @@ from . import rules
 from .composites import Composite, as_composite, gradient_composite
 from .interpreter import Tracer, dynamic_leaves, run
 from .layers import LayerInfo
-from .targets import initial_relevance, target_mask
+from .targets import check_unambiguous, initial_relevance, target_mask
 
 
 def _argnums_tuple(argnums: int | Sequence[int]) -> tuple[int, ...]:
@@ -149,15 +149,13 @@ def _explain(transformed: "_Transformed", args: tuple, kwargs: dict, target, rel
     probes = {f"root{k}": jnp.zeros(plan.graph.avals[v].shape, plan.graph.avals[v].dtype)
               for k, v in enumerate(plan.roots)}
     if report:
-        for l in plan.layers:
-            dtype = plan.graph.avals[l.output].dtype
-            probes[f"layer{l.info.index}"] = (jnp.zeros(l.info.output_shape, dtype),
-                                              jnp.zeros((), jnp.promote_types(dtype, jnp.float32)))
+        probes.update(_layer_probes(plan))
 
     def f(xs, probes):  # the explained arguments are replaced by values of the same avals: same plan
         return transformed.run(planned, _replace(args, nums, xs), probes)
 
     out, pullback = jax.vjp(f, tuple(args[a] for a in nums), probes)
+    check_unambiguous(jnp.shape(_single_output(out)), [args[a] for a in nums], target, relevance)
     if seed == "mask" and relevance is None:  # gradient-type methods: d f_target / d x
         r0 = target_mask(_single_output(out), target)
     else:
@@ -172,11 +170,35 @@ def _explain(transformed: "_Transformed", args: tuple, kwargs: dict, target, rel
     r_in = r_in[0] if single else r_in
     if not report:
         return r_in
-    layers = []
+    return Report(r_in, out, r0, _layer_rows(plan, probe_ct))
+
+
+def _layer_probes(plan, steps: tuple[int, ...] = ()) -> dict:
+    """Zero probes for every layer of ``plan`` and, recursively, of its control-flow bodies; inside a scan
+    they get the scan's length as a leading axis (one probe per step)."""
+    probes: dict[str, Any] = {}
     for l in plan.layers:
-        r_out, absorbed = probe_ct[f"layer{l.info.index}"]
-        layers.append(LayerRelevance(r_out, jnp.sum(r_out), absorbed, l.info, repr(l.rule)))
-    return Report(r_in, out, r0, layers)
+        dtype = plan.graph.avals[l.output].dtype
+        probes[f"layer{l.info.index}"] = (jnp.zeros(steps + l.info.output_shape, dtype),
+                                          jnp.zeros(steps, jnp.promote_types(dtype, jnp.float32)))
+        if l.body:
+            node = plan.graph.nodes[l.nodes[0]]
+            inner = steps + ((node.params["length"],) if node.prim.name == "scan" else ())
+            probes[f"body{l.info.index}"] = [_layer_probes(b, inner) for b in l.body]
+    return probes
+
+
+def _layer_rows(plan, cts: dict) -> list["LayerRelevance"]:
+    """The report's rows from the probes' cotangents; a control-flow layer absorbs what its bodies do."""
+    rows = []
+    for l in plan.layers:
+        r_out, absorbed = cts[f"layer{l.info.index}"]
+        body = [_layer_rows(b, c) for b, c in zip(l.body or (), cts.get(f"body{l.info.index}", ()))]
+        if l.body:
+            absorbed = sum((r.absorbed for rows_ in body for r in rows_), jnp.zeros((), absorbed.dtype))
+        rows.append(LayerRelevance(r_out, jnp.sum(r_out), jnp.sum(absorbed), body, l.info,
+                                   "body" if l.body else repr(l.rule)))
+    return rows
 
 
 def _single_output(out):
@@ -189,10 +211,17 @@ def _single_output(out):
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass
 class LayerRelevance:
-    """Relevance at one layer: at its output, its total, and what its rule absorbed (bias, stabilizer)."""
+    """Relevance at one layer: at its output, its total, and what its rule absorbed (bias, stabilizer).
+
+    A ``scan`` / ``cond`` / ``jax.checkpoint`` layer reports the relevance at its (first explained) output,
+    absorbs what its body layers absorb, and lists them in ``body`` (one list per branch; inside a scan
+    every array has the number of steps as a leading axis: relevance per time step, ``total`` and
+    ``absorbed`` summed over the steps).
+    """
     relevance: jax.Array  # at the layer's output, shape of the output
     total: jax.Array  # sum of relevance at the output
     absorbed: jax.Array  # sum(R_out) - sum(R_in): the bias and stabilizer share of this layer
+    body: list  # control flow: the rows of each body (list of lists of LayerRelevance)
     info: LayerInfo = dataclasses.field(metadata=dict(static=True))
     rule: str = dataclasses.field(metadata=dict(static=True))
 
@@ -209,10 +238,16 @@ class Report:
     def table(self) -> str:
         """A markdown table: per layer, total relevance at the output and the share absorbed."""
         lines = ["| # | kind | rule | module / params | sum R_out | absorbed |", "|---|---|---|---|---|---|"]
-        for l in self.layers:
-            where = l.info.module or ", ".join(l.info.params) or "-"
-            lines.append(f"| {l.info.index} | {l.info.kind} | {l.rule} | {where} | {float(l.total):.6g} | "
-                         f"{float(l.absorbed):.6g} |")
+
+        def add(rows, prefix):
+            for l in rows:
+                where = l.info.module or ", ".join(l.info.params) or "-"
+                label = f"{prefix}{l.info.index}"
+                lines.append(f"| {label} | {l.info.kind} | {l.rule} | {where} | {float(l.total):.6g} | "
+                             f"{float(l.absorbed):.6g} |")
+                for j, body in enumerate(l.body):
+                    add(body, f"{label}{'' if len(l.body) == 1 else f'[{j}]'}.")
+        add(self.layers, "")
         total_in = sum(float(jnp.sum(r)) for r in jax.tree_util.tree_leaves(self.relevance))
         lines.append(f"\nsum R_out = {float(jnp.sum(self.initial)):.6g}, sum R_in = {total_in:.6g}, "
                      f"absorbed by layers = {sum(float(l.absorbed) for l in self.layers):.6g}")

@@ -31,7 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jlrp._src.targets import initial_relevance, target_mask
+from jlrp._src.targets import check_unambiguous, initial_relevance, target_mask
 
 __all__ = ["gradient", "input_x_gradient", "smoothgrad", "integrated_gradients", "occlusion"]
 
@@ -98,8 +98,9 @@ def _transform(out: Any, output: str) -> jax.Array:
     return jax.nn.softmax(out, axis=-1) if output == "probability" else jax.nn.log_softmax(out, axis=-1)
 
 
-def _weights(out: jax.Array, target: Any, relevance: Any) -> jax.Array:
+def _weights(out: jax.Array, x: Any, target: Any, relevance: Any) -> jax.Array:
     """The cotangent w of F = sum(out * w): the one-hot target mask, or the user's relevance=."""
+    check_unambiguous(out.shape, x, target, relevance)
     if relevance is not None:
         w = initial_relevance(out, target, relevance)  # validates the shape and target-xor-relevance
     else:
@@ -121,7 +122,7 @@ def _setup(fn: Callable, args: tuple, argnums: int, output: str, target: Any, re
     """Run the clean forward pass; return ``(x, f, out, w)`` with the output weights fixed on it."""
     x, f = _bind(fn, args, argnums, output)
     out = f(x)
-    return x, f, out, _weights(out, target, relevance)
+    return x, f, out, _weights(out, x, target, relevance)
 
 
 def _grad_at(f: Callable, x: Any, w: jax.Array) -> Any:
@@ -196,7 +197,7 @@ def gradient(fn: Callable[..., jax.Array], argnums: int = 0, output: Output = "l
         _check_float(_arg(args, argnums), "gradient")
         x, f = _bind(fn, args, argnums, output)
         out, vjp = jax.vjp(f, x)  # the clean forward pass is the one differentiated
-        return vjp(_weights(out, target, relevance))[0]
+        return vjp(_weights(out, x, target, relevance))[0]
 
     return explain
 

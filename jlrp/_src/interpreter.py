@@ -311,36 +311,44 @@ def _emit_rule(graph: Graph, layer: Layer, xs, consts, probe):
     return f(tuple(xs), tuple(consts), probe)
 
 
-def _control_flow(layer: Layer, node, vals: list) -> list:
-    """Run scan / cond with their bodies rewritten (each body is an analysed plan of its own)."""
+def _control_flow(layer: Layer, node, vals: list, probes: list | None) -> list:
+    """Run scan / cond with their bodies rewritten (each body is an analysed plan of its own).
+
+    ``probes``: one probe dict per body (see :func:`run`) or None; a scan's are stacked over its steps
+    and sliced like its ``xs``, so their cotangents come back per step."""
+    probes = probes or [None] * len(layer.body)
     if node.prim.name == "scan":
         p = node.params
         nc, ncar = p["num_consts"], p["num_carry"]
         consts, init, xs = vals[:nc], vals[nc:nc + ncar], vals[nc + ncar:]
 
-        def step(carry, x):
-            outs = run(layer.body[0], list(consts) + list(carry) + list(x))
+        def step(carry, inputs):
+            x, probe = inputs
+            outs = run(layer.body[0], list(consts) + list(carry) + list(x), probe)
             return outs[:ncar], outs[ncar:]
 
-        carry, ys = jax.lax.scan(step, list(init), list(xs), length=p["length"], reverse=p["reverse"],
-                                 unroll=p["unroll"])
+        carry, ys = jax.lax.scan(step, list(init), (list(xs), probes[0]), length=p["length"],
+                                 reverse=p["reverse"], unroll=p["unroll"])
         return list(carry) + list(ys)
     if node.prim.name == "cond":
-        branches = [lambda *ops, body=body: run(body, list(ops)) for body in layer.body]
-        return list(jax.lax.switch(vals[0], branches, *vals[1:]))
+        branches = [lambda ops, probes, j=j: run(layer.body[j], list(ops), probes[j])
+                    for j in range(len(layer.body))]
+        return list(jax.lax.switch(vals[0], branches, list(vals[1:]), probes))
     # jax.checkpoint: the rewritten body is checkpointed again, so its activations are recomputed in the
     # backward pass (with the rules' custom_vjps inside) instead of being stored
-    body = jax.checkpoint(lambda *ops: run(layer.body[0], list(ops)), prevent_cse=node.params["prevent_cse"],
-                          policy=node.params["policy"])
-    return list(body(*vals))
+    body = jax.checkpoint(lambda ops, probe: run(layer.body[0], list(ops), probe),
+                          prevent_cse=node.params["prevent_cse"], policy=node.params["policy"])
+    return list(body(list(vals), probes[0]))
 
 
 def run(plan: Plan, flat_args: list, probes: dict | None = None) -> list:
     """Evaluate the plan's graph on ``flat_args``; layers carry their rules in the VJP.
 
     ``probes`` maps ``f"layer{index}"`` to zero arrays ``(like output, scalar)`` whose cotangents become
-    that layer's relevance and absorbed share (the conservation report), and ``f"root{k}"`` to a zero array
-    added to the k-th embedding root (relevance of explained token ids is read there).
+    that layer's relevance and absorbed share (the conservation report; a control-flow layer's probe is
+    added to its output), ``f"body{index}"`` to a list of such dicts, one per body of a control-flow layer,
+    and ``f"root{k}"`` to a zero array added to the k-th embedding root (relevance of explained token ids
+    is read there).
     """
     g = plan.graph
     probes = probes or {}
@@ -366,7 +374,10 @@ def run(plan: Plan, flat_args: list, probes: dict | None = None) -> list:
             internal.update(zip(node.outputs, outs))
             env.update(zip(node.outputs, outs))
         elif layer is not None and layer.body is not None:
-            env.update(zip(node.outputs, _control_flow(layer, node, [read(a) for a in node.inputs])))
+            env.update(zip(node.outputs, _control_flow(layer, node, [read(a) for a in node.inputs],
+                                                       probes.get(f"body{layer.info.index}"))))
+            if f"layer{layer.info.index}" in probes:
+                env[layer.output] = env[layer.output] + probes[f"layer{layer.info.index}"][0]
             continue
         elif i in plan.skip and layer is None:
             continue

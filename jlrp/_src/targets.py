@@ -37,6 +37,22 @@ def check_target(out_shape: tuple[int, ...], target: Any) -> None:
                              f"has {n} outputs on its last axis, so targets must lie in [0, {n - 1}]")
 
 
+def check_unambiguous(out_shape: tuple[int, ...], inputs: Any, target: Any, relevance: Any) -> None:
+    """Refuse to guess when a 1-D output of length N meets an explained input with a leading axis of N:
+    N classes of one sample (argmax selects one) or one score per row of a batch (each row explains its
+    own score)? Silently picking the first would explain one row of a regression batch."""
+    if target is not None or relevance is not None or len(out_shape) != 1 or out_shape[0] < 2:
+        return
+    leads = {np.shape(leaf)[0] for leaf in jax.tree_util.tree_leaves(inputs) if np.ndim(leaf) >= 2}
+    if out_shape[0] in leads:
+        n = out_shape[0]
+        raise ValueError(
+            f"the model output has shape ({n},) and the explained input has a leading axis of {n}: one score "
+            f"per row (regression) or {n} classes of one sample? For per-row scores return shape ({n}, 1) "
+            f"or pass relevance=out (each row explains its own score); for classes pass target= (e.g. "
+            f"target=jnp.argmax(out)).")
+
+
 def target_mask(out: jax.Array, target: Any) -> jax.Array:
     """One-hot mask over the last axis of ``out`` selecting ``target`` (argmax when None).
 
