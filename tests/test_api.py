@@ -5,6 +5,8 @@ import subprocess
 import sys
 import textwrap
 
+import warnings
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -219,25 +221,34 @@ def test_target_out_of_range_and_bad_shapes():
         explain(params, x, relevance=jnp.ones((4, 2)))
 
 
-def test_batch_of_scalar_outputs_is_not_guessed():
-    """A (batch,) output over a batched input: per-row scores or classes of one sample? An error names both
-    readings; target= or relevance= (or a (batch, 1) output) decide, and then each row explains its own."""
+def test_batch_of_scalar_outputs_is_not_guessed_silently():
+    """A (batch,) output over a batched input: per-row scores or classes of one sample? jlrp reads classes
+    (as documented) but warns, naming the fix for each reading; (batch, 1) outputs, relevance= and target=
+    are unambiguous and silent. Unbatched / vmapped models whose first axis equals the number of classes
+    and pytree arguments (parameters) must not be refused."""
     w = jnp.array([1.0, -2.0, 0.5])
     x = jnp.arange(12.0).reshape(4, 3) / 7
-    rows = lambda x: x @ w  # (4,) scores
-    for method in (jlrp.lrp(rows, jlrp.rules.zero()), jlrp.gradient(rows), jlrp.input_x_gradient(rows)):
-        with pytest.raises(ValueError, match=r"shape \(4,\).*leading axis of 4.*relevance=out.*target="):
+    rows = lambda x: x @ w  # (4,) per-row scores
+    for method, fix in [(jlrp.lrp(rows, jlrp.rules.zero()), r"\(4, 1\) or pass relevance=out"),
+                        (jlrp.gradient(rows), r"\(4, 1\); pass target="),
+                        (jlrp.guided_backprop(rows), r"\(4, 1\); pass target="),
+                        (jlrp.smoothgrad(rows, key=jax.random.key(0), n=2), r"\(4, 1\); pass target=")]:
+        with pytest.warns(UserWarning, match=r"shape \(4,\).*leading axis of 4.*" + fix):
             method(x)
-    np.testing.assert_allclose(jlrp.lrp(rows, jlrp.rules.zero())(x, relevance=rows(x)), x * w, rtol=1e-10)
-    np.testing.assert_allclose(jlrp.lrp(lambda x: rows(x)[:, None], jlrp.rules.zero())(x), x * w, rtol=1e-10)
-    np.testing.assert_allclose(jlrp.gradient(rows)(x, relevance=jnp.ones(4)), jnp.tile(w, (4, 1)))
-    # an unbatched model with as many classes as input rows: target= says which reading is meant
-    m = jnp.arange(12.0).reshape(3, 4) / 5
-    classes = lambda x: (x @ m).sum(0)  # (4, 3) -> (4,) classes of one sample
-    r = jlrp.lrp(classes, jlrp.rules.zero())(x, target=2)
-    np.testing.assert_allclose(r.sum(), classes(x)[2], rtol=1e-6)  # the sum layer's stabiliser
-    # no ambiguity, no error: classes of one sample whose input has another leading length
-    jlrp.lrp(classes, jlrp.rules.zero())(x[:3])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        np.testing.assert_allclose(jlrp.lrp(rows, jlrp.rules.zero())(x, relevance=rows(x)), x * w, rtol=1e-10)
+        np.testing.assert_allclose(jlrp.lrp(lambda x: rows(x)[:, None], jlrp.rules.zero())(x), x * w, rtol=1e-10)
+        np.testing.assert_allclose(jlrp.gradient(lambda x: rows(x)[:, None])(x), jnp.tile(w, (4, 1)))
+        # an unbatched model with as many classes as input rows: target= keeps the class reading
+        m = jnp.arange(12.0).reshape(3, 4) / 5
+        classes = lambda x: (x @ m).sum(0)  # (4, 3) -> (4,) classes of one sample
+        r = jlrp.lrp(classes, jlrp.rules.zero())(x, target=2)
+        np.testing.assert_allclose(r.sum(), classes(x)[2], rtol=1e-6)  # the sum layer's stabiliser
+        jlrp.lrp(classes, jlrp.rules.zero())(x[:3])  # no coincidence, no warning
+        # explaining parameters (a pytree) is never read as a batch
+        params = {"m": m, "b": jnp.zeros(4)}
+        jlrp.gradient(lambda p, x: (x @ p["m"]).sum(0) + p["b"])(params, x[:3])
 
 
 def test_wrong_argnums():

@@ -211,7 +211,7 @@ def test_patterns_decorrelate_the_distractor_exactly():
     leave a distractor d = x - S(x) with cov(d, y) = 0 exactly; only the two-component pattern also gives
     cov(d 1[y > 0], y) = cov(d 1[y <= 0], y) = 0 (the linear one does not)."""
     h = np.maximum(np.asarray(X_MLP) @ W1 + B1, 0)
-    f = lambda x: jax.nn.relu(x @ W1 + B1) @ W2  # the second layer, fitted on h
+    f = lambda x: jax.nn.relu(x @ W1 + B1) @ W2 + B2  # the second layer, fitted on h (y excludes the bias)
     lin, two = (P.fit(f, (X_MLP,), [X_MLP], kind=kind) for kind in ("linear", "two_component"))
     k = sorted(two.a)[1]
     y = h @ W2

@@ -202,24 +202,30 @@ def test_conservation_soft(data, soft_model):
     assert empty.any()
 
 
-@pytest.mark.parametrize("assignment,normalize,bias,pixels", [
-    ("hard", True, "spread", "uniform"), ("soft", True, "absorb", "energy"), ("soft", False, "spread", "energy"),
-    ("hard", False, "absorb", "uniform")])
-def test_explanation_matches_a_loop_reference(assignment, normalize, bias, pixels):
+@pytest.mark.parametrize("assignment,normalize,bias,pixels,patch,stride,center", [
+    ("hard", True, "spread", "uniform", 2, 2, False), ("soft", True, "absorb", "energy", 2, 2, False),
+    ("soft", False, "spread", "energy", 3, 1, True), ("hard", False, "absorb", "uniform", 3, 2, False),
+    ("soft", True, "absorb", "energy", 3, 2, False)])
+def test_explanation_matches_a_loop_reference(assignment, normalize, bias, pixels, patch, stride, center):
     """Every level against a direct numpy transcription of the formulas, with explicit loops (the library
-    derives the upper levels with the LRP interpreter on the model's jaxpr)."""
+    derives the kernel step with the LRP interpreter on the model's jaxpr); overlapping patches
+    (stride < patch), centred descriptors and two channels included."""
     rng = np.random.default_rng(4)
     x = rng.random((2, 6, 8, 2))
-    x[0, :2, :2] = 0  # an all-zero patch: 'energy' falls back to uniform there
-    code, sup = rng.random((5, 2 * 2 * 2)), rng.random((3, 5))
+    x[0, :3, :3] = 0  # an all-zero patch: 'energy' falls back to uniform there
+    dd = patch * patch * 2
+    code, sup = rng.random((5, dd)) - 0.5 * center, rng.random((3, 5))
     coef, b = rng.standard_normal(3), 0.3
-    cfg = svm.BowConfig(patch=2, stride=2, assignment=assignment, beta=3.0, normalize=normalize)
+    cfg = svm.BowConfig(patch=patch, stride=stride, center=center, assignment=assignment, beta=3.0,
+                        normalize=normalize)
     model = svm.BowSVM(jnp.asarray(code), jnp.asarray(sup), jnp.asarray(coef), jnp.asarray(b), cfg)
     e = jax.jit(svm.explain_svm, static_argnames=("bias", "pixels"))(model, jnp.asarray(x), bias=bias,
                                                                        pixels=pixels)
-    corners = [(t, l) for t in range(0, 5, 2) for l in range(0, 7, 2)]
+    corners = [(t, l) for t in range(0, 6 - patch + 1, stride) for l in range(0, 8 - patch + 1, stride)]
     for n in range(2):
-        desc = np.stack([x[n, t:t + 2, l:l + 2].ravel() for t, l in corners])  # (P, 8)
+        desc = np.stack([x[n, t:t + patch, l:l + patch].ravel() for t, l in corners])  # (P, dd)
+        if center:
+            desc = desc - desc.mean(1, keepdims=True)
         d2 = ((desc[:, None] - code[None]) ** 2).sum(-1)
         a = np.eye(5)[d2.argmin(-1)] if assignment == "hard" else np.exp(-3 * d2) / np.exp(-3 * d2).sum(-1, keepdims=True)
         w = a / len(corners) if normalize else a
@@ -229,12 +235,12 @@ def test_explanation_matches_a_loop_reference(assignment, normalize, bias, pixel
         r_p = np.array([sum(r_d[d] * w[p, d] / h[d] for d in range(5) if h[d] > 0) for p in range(len(corners))])
         r_pix = np.zeros((6, 8))
         for p, (t, l) in enumerate(corners):
-            patch = x[n, t:t + 2, l:l + 2]  # (2, 2, C)
-            if pixels == "energy" and (patch ** 2).sum() > 0:
-                q = (patch ** 2).sum(-1) / (patch ** 2).sum()
+            energy = (desc[p] ** 2).reshape(patch, patch, 2).sum(-1)  # pixel (channel-summed) energy
+            if pixels == "energy" and energy.sum() > 0:
+                q = energy / energy.sum()
             else:
-                q = np.full((2, 2), 1 / 4)
-            r_pix[t:t + 2, l:l + 2] += r_p[p] * q
+                q = np.full((patch, patch), 1 / patch ** 2)
+            r_pix[t:t + patch, l:l + patch] += r_p[p] * q
         np.testing.assert_allclose(e.dims[n], r_d, rtol=1e-10)
         np.testing.assert_allclose(e.features[n], r_p, rtol=1e-10)
         np.testing.assert_allclose(e.pixels[n], r_pix, rtol=1e-10, atol=1e-14)
@@ -246,6 +252,19 @@ def test_explanation_matches_a_loop_reference(assignment, normalize, bias, pixel
         svm.explain_svm(model, jnp.asarray(x), bias="share")
     with pytest.raises(ValueError, match="pixels"):
         svm.explain_svm(model, jnp.asarray(x), pixels="gradient")
+
+
+def test_integer_images_are_read_as_float():
+    """uint8 images: squared distances and energies in float (squares of uint8 would wrap around)."""
+    rng = np.random.default_rng(6)
+    img = rng.integers(0, 256, (2, 8, 8), dtype=np.uint8)
+    code = jnp.asarray(rng.random((4, 16)) * 255)
+    model = svm.BowSVM(code, jnp.asarray(rng.random((3, 4))), jnp.asarray([1.0, -0.5, 0.2]), jnp.asarray(0.1),
+                       svm.BowConfig(patch=4, stride=4))
+    as_float = svm.explain_svm(model, jnp.asarray(img, jnp.float32))
+    as_int = svm.explain_svm(model, jnp.asarray(img))
+    for a, b in zip(jax.tree.leaves(as_int), jax.tree.leaves(as_float)):
+        np.testing.assert_allclose(a, b, rtol=1e-6)
 
 
 def _dilate_by_footprint(masks: np.ndarray, foot: np.ndarray) -> np.ndarray:

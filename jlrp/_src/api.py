@@ -11,7 +11,7 @@ from . import rules
 from .composites import Composite, as_composite, gradient_composite
 from .interpreter import Tracer, dynamic_leaves, run
 from .layers import LayerInfo
-from .targets import check_unambiguous, initial_relevance, target_mask
+from .targets import initial_relevance, target_mask, warn_if_ambiguous
 
 
 def _argnums_tuple(argnums: int | Sequence[int]) -> tuple[int, ...]:
@@ -155,7 +155,8 @@ def _explain(transformed: "_Transformed", args: tuple, kwargs: dict, target, rel
         return transformed.run(planned, _replace(args, nums, xs), probes)
 
     out, pullback = jax.vjp(f, tuple(args[a] for a in nums), probes)
-    check_unambiguous(jnp.shape(_single_output(out)), [args[a] for a in nums], target, relevance)
+    warn_if_ambiguous(jnp.shape(_single_output(out)), [args[a] for a in nums], target, relevance,
+                      seeds_with_output=seed == "logit")
     if seed == "mask" and relevance is None:  # gradient-type methods: d f_target / d x
         r0 = target_mask(_single_output(out), target)
     else:

@@ -7,7 +7,8 @@ Every method follows the calling convention of jlrp's LRP entry point::
     R = explain(*args, target=None, relevance=None)   # R is shaped like args[argnums]
 
 ``fn(*args)`` returns the model output: logits ``(N, C)`` or ``(C,)``, or a scalar / ``(N, 1)`` for
-regression (keep the trailing axis: a 1-D output is always read as ``(C,)`` classes). Every method
+regression (keep the trailing axis: a 1-D output is always read as ``(C,)`` classes, with a warning when
+its length equals the explained input's leading axis). Every method
 explains the scalar
 
     F(x) = sum(g(fn(x)) * w),   w = target_mask(out, target)  or  w = relevance,
@@ -31,7 +32,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jlrp._src.targets import check_unambiguous, initial_relevance, target_mask
+from jlrp._src.targets import initial_relevance, target_mask, warn_if_ambiguous
 
 __all__ = ["gradient", "input_x_gradient", "smoothgrad", "integrated_gradients", "occlusion"]
 
@@ -100,7 +101,7 @@ def _transform(out: Any, output: str) -> jax.Array:
 
 def _weights(out: jax.Array, x: Any, target: Any, relevance: Any) -> jax.Array:
     """The cotangent w of F = sum(out * w): the one-hot target mask, or the user's relevance=."""
-    check_unambiguous(out.shape, x, target, relevance)
+    warn_if_ambiguous(out.shape, x, target, relevance, seeds_with_output=False)
     if relevance is not None:
         w = initial_relevance(out, target, relevance)  # validates the shape and target-xor-relevance
     else:

@@ -346,14 +346,16 @@ def rho(fn: Callable, args: Sequence, patterns_or_estimator: Patterns | str, bat
     the output ``y = w^T x``. ``v`` is fitted by least squares (with intercept) on the first
     ``1 - holdout`` of the samples and the correlation measured on the rest.
 
-    ``by_sign=True`` lets ``v`` depend on the sign of ``y`` (one ``v`` for ``y > 0``, one for ``y <= 0``,
-    a shared intercept): the read-out a ReLU unit affords, since whether it fires is visible downstream.
-    Why it matters: both fitted patterns leave ``cov(x - S(x), y) = 0`` exactly on the data they were
-    fitted on (the two-component formula uses ``E[y]`` over all samples so that its two components add
-    up to that), so with one ``v`` both score 1 up to estimation noise and tie. Only the two-component
-    pattern also zeroes ``cov((x - S(x)) 1[y > 0], y)`` and ``cov((x - S(x)) 1[y <= 0], y)``; with
-    ``by_sign`` it is the exact optimum and the linear pattern is not (Kindermans et al.'s ordering
-    S_w < S_a < S_a+- on ReLU layers).
+    ``by_sign=True`` lets ``v`` depend on the sign of ``y = w^T x`` (bias excluded, as in :func:`fit`): one
+    ``v`` for ``y > 0``, one for ``y <= 0``, a shared intercept; the read-out of a ReLU unit, whose firing
+    is a function of ``y``. Why it matters: on the data they were fitted on, both fitted patterns leave
+    ``cov(x - S(x), y) = 0`` exactly (the two-component formula uses ``E[y]`` over all samples so that its
+    two components add up to that), so with one ``v`` both score 1 up to estimation noise and tie. Only
+    the two-component pattern also zeroes ``cov((x - S(x)) 1[y > 0], y)`` and ``cov((x - S(x)) 1[y <= 0],
+    y)``: with ``by_sign`` it is the optimum (exactly so on its fitting data) and the linear pattern is
+    not, which gives Kindermans et al.'s ordering S_w < S_a < S_a+- on ReLU layers.
+
+    Held-out correlations can come out slightly negative, so rho can exceed 1 by a little.
 
     Estimators: a :class:`Patterns` (its kind: 'linear' ``S(x) = a y``; 'two_component'
     ``S(x) = a_+ y`` if ``y > 0`` else ``a_- y``), 'filter' (``S(x) = w y / (w^T w)``) or 'random' (a
@@ -411,32 +413,63 @@ def rho(fn: Callable, args: Sequence, patterns_or_estimator: Patterns | str, bat
     return result
 
 
-def _distractor(x, y, a, b, by_sign: bool):
-    """Regressors for one unit: ``d = x - (a if y > 0 else b) y``, split into ``[d 1[y > 0], d 1[y <= 0]]``
-    when ``by_sign``; plus a column of ones (the intercept)."""
-    d = x - np.where(y[:, None] > 0, a, b) * y[:, None]
-    if by_sign:
-        fires = (y > 0)[:, None]
-        d = np.concatenate([d * fires, d * ~fires], axis=1)
-    return np.concatenate([d, np.ones((len(x), 1))], axis=1)
-
-
-def _rho_layer(x, x_eval, w, pos, neg, by_sign: bool) -> float:
+def _rho_layer(x, x_eval, w, pos, neg, by_sign: bool, chunk: int = 16) -> float:
     """Mean over units of ``1 - corr(y, v^T d)`` on ``x_eval``, ``v`` fitted on ``x`` by least squares.
 
-    A ridge of 1e-9 of the mean eigenvalue makes rank-deficient inputs (dead relus) solvable; it gives
-    zero weight to directions without variance and does not change the fit otherwise.
+    The distractor of unit j is ``d = x - a y_+ - b y_-`` (``y_+ = max(y, 0)``, ``y_- = min(y, 0)``, ``a``
+    and ``b`` the estimator's directions for either sign); with ``by_sign`` the regressors are
+    ``[d 1[y > 0], d 1[y <= 0]] = [x 1[y > 0] - a y_+, x 1[y <= 0] - b y_-]``, whose cross products vanish
+    (disjoint rows). The normal equations follow from sums of products of ``x``, ``y_+`` and ``y_-``
+    (plus ``x^T diag(1[y > 0]) x`` per unit with ``by_sign``), without a per-unit design matrix. A ridge
+    of 1e-9 of the mean eigenvalue makes rank-deficient inputs (dead relus) solvable; it gives zero weight
+    to directions without variance and does not change the fit otherwise.
     """
+    n = len(x)
     y, y_eval = x @ w, x_eval @ w
+    yp, ym = np.maximum(y, 0), np.minimum(y, 0)
+    fires = (y > 0).astype(x.dtype)
+    sxx, sxp, sxm = x.T @ x, x.T @ yp, x.T @ ym
+    spp, smm = (yp * yp).sum(0), (ym * ym).sum(0)  # sum y_+ y_- = 0
+    sx_pos, sx = x.T @ fires, x.sum(0)
+    col = lambda m, u: m[:, u].T[:, :, None]  # (in, units) -> (units, in, 1)
+    t = lambda m: np.swapaxes(m, 1, 2)
     scores = []
-    for j in range(w.shape[1]):
-        if np.std(y_eval[:, j]) == 0 or np.std(y[:, j]) == 0:
-            continue  # a constant unit has no signal to separate
-        d = _distractor(x, y[:, j], pos[:, j], neg[:, j], by_sign)
-        gram = d.T @ d
-        ridge = 1e-9 * np.trace(gram) / len(gram)
-        v = np.linalg.solve(gram + ridge * np.eye(len(gram)), d.T @ y[:, j])
-        pred = _distractor(x_eval, y_eval[:, j], pos[:, j], neg[:, j], by_sign) @ v
-        corr = 0.0 if np.std(pred) == 0 else np.corrcoef(y_eval[:, j], pred)[0, 1]
-        scores.append(1.0 - corr)
+    for lo in range(0, w.shape[1], chunk):  # chunks of units bound the (units, in, in) memory
+        u = slice(lo, lo + chunk)
+        a, b, cp, cm = col(pos, u), col(neg, u), col(sxp, u), col(sxm, u)
+        p_, m_ = spp[u, None, None], smm[u, None, None]
+        sum_p, sum_m = yp[:, u].sum(0)[:, None, None], ym[:, u].sum(0)[:, None, None]
+        if by_sign:
+            k, dim = a.shape[0], x.shape[1]
+            gated = (x[:, None, :] * fires[:, u, None]).reshape(n, k * dim)  # one GEMM for the chunk
+            xx_pos = np.transpose((x.T @ gated).reshape(dim, k, dim), (1, 0, 2))  # x^T diag(1[y > 0]) x
+            g_pos = xx_pos - cp @ t(a) - a @ t(cp) + p_ * a @ t(a)
+            g_neg = (sxx - xx_pos) - cm @ t(b) - b @ t(cm) + m_ * b @ t(b)
+            zero = np.zeros_like(g_pos)
+            gram = np.block([[g_pos, zero], [zero, g_neg]])
+            x_pos = col(sx_pos, u)  # sum of x over the rows where the unit fires
+            sums = np.concatenate([x_pos - a * sum_p, (sx[None, :, None] - x_pos) - b * sum_m], 1)
+            rhs = np.concatenate([cp - a * p_, cm - b * m_], 1)
+        else:
+            gram = sxx - cp @ t(a) - a @ t(cp) - cm @ t(b) - b @ t(cm) + p_ * a @ t(a) + m_ * b @ t(b)
+            sums = sx[None, :, None] - a * sum_p - b * sum_m
+            rhs = (cp + cm) - a * p_ - b * m_
+        sum_y = y[:, u].sum(0)[:, None, None]
+        gram = gram - sums @ t(sums) / n  # centred: the intercept
+        rhs = rhs - sums * sum_y / n
+        ridge = 1e-9 * np.trace(gram, axis1=1, axis2=2)[:, None, None] / gram.shape[1]
+        v = np.linalg.solve(gram + ridge * np.eye(gram.shape[1]), rhs)[:, :, 0]  # (units, features)
+        ye = y_eval[:, u]
+        ep, em = np.maximum(ye, 0), np.minimum(ye, 0)
+        if by_sign:
+            vp, vm = v[:, :x.shape[1]], v[:, x.shape[1]:]
+            pred = np.where(ye > 0, x_eval @ vp.T, x_eval @ vm.T) - ep * (a[:, :, 0] * vp).sum(1) \
+                - em * (b[:, :, 0] * vm).sum(1)
+        else:
+            pred = x_eval @ v.T - ep * (a[:, :, 0] * v).sum(1) - em * (b[:, :, 0] * v).sum(1)
+        for j in range(ye.shape[1]):
+            if np.std(ye[:, j]) == 0 or np.std(y[:, lo + j]) == 0:
+                continue  # a constant unit has no signal to separate
+            corr = 0.0 if np.std(pred[:, j]) == 0 else np.corrcoef(ye[:, j], pred[:, j])[0, 1]
+            scores.append(1.0 - corr)
     return float(np.mean(scores)) if scores else float("nan")

@@ -29,9 +29,10 @@ descriptors. tests/test_svm.py checks every level against a loop transcription o
 
 Pixels: ``pixels='energy'`` (default) splits a patch's relevance over its pixels in proportion to their
 share of the descriptor's squared norm, ``q_p(u, v) = x_p(u, v)^2 / |x_p|^2`` (channels summed; for
-centred descriptors the deviations from the patch mean): the deep-Taylor share with the blank patch as
-root point, so blank pixels, which carry nothing of the descriptor, get nothing (an all-zero descriptor
-falls back to uniform). ``pixels='uniform'`` spreads it evenly over the footprint, ``q = 1 / patch**2``.
+centred descriptors the deviations from the patch mean): the deep-Taylor share with the blank patch (or,
+centred, the flat patch) as root point, so within a patch a pixel at the background level 0 (at the
+patch mean) gets nothing; an all-zero descriptor falls back to the uniform split.
+``pixels='uniform'`` spreads it evenly over the footprint, ``q = 1 / patch**2``.
 """
 from __future__ import annotations
 
@@ -55,6 +56,8 @@ Array = jax.Array
 
 def _as_nhwc(images: Array) -> Array:
     images = jnp.asarray(images)
+    if not jnp.issubdtype(images.dtype, jnp.inexact):  # uint8 images: squares would overflow
+        images = images.astype(jnp.promote_types(jnp.float32, jnp.result_type(float)))
     if images.ndim == 3:  # NHW grayscale
         return images[..., None]
     if images.ndim != 4:

@@ -4,6 +4,7 @@ Shared by every explanation method so that ``target=`` means the same thing ever
 """
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import jax
@@ -37,20 +38,24 @@ def check_target(out_shape: tuple[int, ...], target: Any) -> None:
                              f"has {n} outputs on its last axis, so targets must lie in [0, {n - 1}]")
 
 
-def check_unambiguous(out_shape: tuple[int, ...], inputs: Any, target: Any, relevance: Any) -> None:
-    """Refuse to guess when a 1-D output of length N meets an explained input with a leading axis of N:
-    N classes of one sample (argmax selects one) or one score per row of a batch (each row explains its
-    own score)? Silently picking the first would explain one row of a regression batch."""
-    if target is not None or relevance is not None or len(out_shape) != 1 or out_shape[0] < 2:
+def warn_if_ambiguous(out_shape: tuple[int, ...], inputs: Any, target: Any, relevance: Any,
+                      seeds_with_output: bool) -> None:
+    """Warn when a 1-D output of length N meets an explained array whose leading axis is N: are these N
+    classes of one sample (read so: the argmax is explained) or one score per row of a batch (then only
+    one row would be explained)? A warning, not an error: unbatched and vmapped models whose first axis
+    happens to equal the number of classes are legitimate. Passing ``target=`` or ``relevance=`` (or
+    giving per-row scores a trailing axis) says which reading is meant and silences it."""
+    leaves = jax.tree_util.tree_leaves(inputs)
+    if (target is not None or relevance is not None or len(out_shape) != 1 or out_shape[0] < 2
+            or len(leaves) != 1 or np.ndim(leaves[0]) < 2 or np.shape(leaves[0])[0] != out_shape[0]):
         return
-    leads = {np.shape(leaf)[0] for leaf in jax.tree_util.tree_leaves(inputs) if np.ndim(leaf) >= 2}
-    if out_shape[0] in leads:
-        n = out_shape[0]
-        raise ValueError(
-            f"the model output has shape ({n},) and the explained input has a leading axis of {n}: one score "
-            f"per row (regression) or {n} classes of one sample? For per-row scores return shape ({n}, 1) "
-            f"or pass relevance=out (each row explains its own score); for classes pass target= (e.g. "
-            f"target=jnp.argmax(out)).")
+    n = out_shape[0]
+    rows = f"return shape ({n}, 1)" + (" or pass relevance=out" if seeds_with_output else "")
+    warnings.warn(
+        f"the model output has shape ({n},) and the explained input has a leading axis of {n}: it is read "
+        f"as {n} classes of one sample and only the argmax is explained. If these are per-row scores "
+        f"(regression over a batch), {rows}; pass target= to keep the class reading without this warning.",
+        stacklevel=4)
 
 
 def target_mask(out: jax.Array, target: Any) -> jax.Array:
