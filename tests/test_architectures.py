@@ -311,6 +311,61 @@ def test_report_itemises_the_scan_body_per_time_step():
     np.testing.assert_allclose(jitted.layers[0].body[0][0].relevance, body[0].relevance, rtol=1e-10)
 
 
+def _balance(rep):
+    """sum R_out - sum R_in and the report's total absorbed share (they must agree)."""
+    leak = float(jnp.sum(rep.initial) - sum(jnp.sum(r) for r in jax.tree.leaves(rep.relevance)))
+    return leak, sum(float(l.absorbed) for l in rep.layers)
+
+
+def test_report_scan_edge_cases():
+    """A constant non-zero initial state (its relevance is absorbed like a bias's), reverse scans (steps are
+    indexed like xs), relevance leaving through the per-step outputs of a flax nn.RNN (the scan row counts
+    every explained output), vmap of the report, and token ids embedded inside a loop (refused)."""
+    w = jnp.array([[0.5, 0.2], [0.1, 0.4]])
+    x = jnp.array([[1.0, 2.0], [0.5, -1.0], [2.0, 1.0]])
+    def rnn(x, h0, reverse=False):
+        h, hs = jax.lax.scan(lambda h, xt: (jnp.tanh(h @ w + xt), h), h0, x, reverse=reverse)
+        return h + hs.sum(0)
+
+    for reverse in (False, True):
+        rep = jlrp.report(rnn, rules.epsilon(1e-9))(x, jnp.ones(2), reverse, target=0)
+        leak, absorbed = _balance(rep)
+        assert abs(leak) > 0.05  # the constant initial state takes a real share
+        np.testing.assert_allclose(leak, absorbed, rtol=1e-6)
+        explained_h0 = jlrp.report(rnn, rules.epsilon(1e-9), argnums=(0, 1))(x, jnp.ones(2), reverse, target=0)
+        np.testing.assert_allclose(*_balance(explained_h0), rtol=1e-6)
+    # a reverse scan's rows are indexed like xs: step t is the forward scan's step T-1-t over x[::-1]
+    backward = jlrp.report(rnn, rules.epsilon(1e-9))(x, jnp.ones(2), True, target=0).layers[0].body[0]
+    forward = jlrp.report(rnn, rules.epsilon(1e-9))(x[::-1], jnp.ones(2), False, target=0).layers[0].body[0]
+    for b_row, f_row in zip(backward, forward):
+        np.testing.assert_allclose(b_row.relevance, f_row.relevance[::-1], rtol=1e-9, atol=1e-12)
+
+    class Seq(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            return nn.Dense(2)(nn.RNN(nn.LSTMCell(4))(x)[:, -1])
+
+    xs = jax.random.normal(jax.random.key(0), (2, 5, 3), jnp.float32)  # flax's carry is float32
+    model = Seq()
+    params = model.init(jax.random.key(1), xs)
+    rep = jlrp.report(model.apply, rules.epsilon(1e-3), argnums=1)(params, xs, target=1)
+    (scan,) = [l for l in rep.layers if l.info.kind == "scan"]
+    head = rep.layers[-1]
+    assert isinstance(scan.relevance, tuple) and len(scan.relevance) >= 2  # carries and per-step outputs
+    np.testing.assert_allclose(scan.total, head.total - head.absorbed, rtol=1e-6)
+    np.testing.assert_allclose(*_balance(rep), rtol=1e-5, atol=1e-7)
+    batched = jax.vmap(lambda x: [r.relevance for r in jlrp.report(model.apply, rules.epsilon(1e-3), argnums=1)(
+        params, x[None], target=1).layers[0].body[0]])(xs)  # per example: (steps, 1, ...) per body row
+    for one, row in zip(batched, scan.body[0]):
+        np.testing.assert_allclose(np.swapaxes(one[:, :, 0], 0, 1), row.relevance, rtol=1e-4, atol=1e-6)
+    assert max(float(jnp.abs(r.relevance).max()) for r in scan.body[0]) > 1e-3
+
+    emb = jax.random.normal(jax.random.key(2), (10, 2))
+    inside = lambda ids: jax.lax.scan(lambda h, i: (jnp.tanh(h @ w + emb[i]), None), jnp.zeros(2), ids)[0]
+    with pytest.raises(NotImplementedError, match="embedded inside a scan body.*Embed before the loop"):
+        jlrp.lrp(inside, rules.epsilon())(jnp.array([1, 2, 3]), target=0)
+
+
 def test_echo_state_network_and_fori_loop():
     w_in = jax.random.normal(jax.random.key(0), (F, 10)) * 0.5
     w_res = jax.random.normal(jax.random.key(1), (10, 10)) * 0.2

@@ -9,7 +9,8 @@ import jax.numpy as jnp
 
 from . import rules
 from .composites import Composite, as_composite, gradient_composite
-from .interpreter import Tracer, dynamic_leaves, run
+from .interpreter import Tracer, constant_inits, control_outputs, dynamic_leaves, run
+from .graph import Lit
 from .layers import LayerInfo
 from .targets import initial_relevance, target_mask, warn_if_ambiguous
 
@@ -176,29 +177,42 @@ def _explain(transformed: "_Transformed", args: tuple, kwargs: dict, target, rel
 
 def _layer_probes(plan, steps: tuple[int, ...] = ()) -> dict:
     """Zero probes for every layer of ``plan`` and, recursively, of its control-flow bodies; inside a scan
-    they get the scan's length as a leading axis (one probe per step)."""
+    they get the scan's length as a leading axis (one probe per step). A control-flow layer gets one probe
+    per explained output, and a scan one per constant initial carry that its body makes explained (the
+    relevance reaching that constant is absorbed, like a bias's)."""
     probes: dict[str, Any] = {}
+    def zeros(v):  # a value id or a literal operand
+        aval = jax.typeof(v.val) if isinstance(v, Lit) else plan.graph.avals[v]
+        return jnp.zeros(steps + aval.shape, aval.dtype)
+
     for l in plan.layers:
         dtype = plan.graph.avals[l.output].dtype
-        probes[f"layer{l.info.index}"] = (jnp.zeros(steps + l.info.output_shape, dtype),
-                                          jnp.zeros(steps, jnp.promote_types(dtype, jnp.float32)))
-        if l.body:
-            node = plan.graph.nodes[l.nodes[0]]
-            inner = steps + ((node.params["length"],) if node.prim.name == "scan" else ())
-            probes[f"body{l.info.index}"] = [_layer_probes(b, inner) for b in l.body]
+        absorbed = jnp.zeros(steps, jnp.promote_types(dtype, jnp.float32))
+        if not l.body:
+            probes[f"layer{l.info.index}"] = (zeros(l.output), absorbed)
+            continue
+        node = plan.graph.nodes[l.nodes[0]]
+        probes[f"layer{l.info.index}"] = (tuple(zeros(v) for v in control_outputs(plan, node)), absorbed)
+        probes[f"init{l.info.index}"] = {k: zeros(node.inputs[k]) for k in constant_inits(plan, l, node)}
+        inner = steps + ((node.params["length"],) if node.prim.name == "scan" else ())
+        probes[f"body{l.info.index}"] = [_layer_probes(b, inner) for b in l.body]
     return probes
 
 
 def _layer_rows(plan, cts: dict) -> list["LayerRelevance"]:
-    """The report's rows from the probes' cotangents; a control-flow layer absorbs what its bodies do."""
+    """The report's rows from the probes' cotangents; a control-flow layer absorbs what its bodies do and
+    what reaches its constant initial carries."""
     rows = []
     for l in plan.layers:
         r_out, absorbed = cts[f"layer{l.info.index}"]
-        body = [_layer_rows(b, c) for b, c in zip(l.body or (), cts.get(f"body{l.info.index}", ()))]
-        if l.body:
-            absorbed = sum((r.absorbed for rows_ in body for r in rows_), jnp.zeros((), absorbed.dtype))
-        rows.append(LayerRelevance(r_out, jnp.sum(r_out), jnp.sum(absorbed), body, l.info,
-                                   "body" if l.body else repr(l.rule)))
+        if not l.body:
+            rows.append(LayerRelevance(r_out, jnp.sum(r_out), jnp.sum(absorbed), [], l.info, repr(l.rule)))
+            continue
+        body = [_layer_rows(b, c) for b, c in zip(l.body, cts[f"body{l.info.index}"])]
+        lost = [jnp.sum(ct) for ct in cts[f"init{l.info.index}"].values()]
+        absorbed = sum([r.absorbed for rows_ in body for r in rows_] + lost, jnp.zeros((), absorbed.dtype))
+        total = sum((jnp.sum(r) for r in r_out), jnp.zeros((), absorbed.dtype))
+        rows.append(LayerRelevance(tuple(r_out), total, absorbed, body, l.info, "body"))
     return rows
 
 
@@ -214,10 +228,11 @@ def _single_output(out):
 class LayerRelevance:
     """Relevance at one layer: at its output, its total, and what its rule absorbed (bias, stabilizer).
 
-    A ``scan`` / ``cond`` / ``jax.checkpoint`` layer reports the relevance at its (first explained) output,
-    absorbs what its body layers absorb, and lists them in ``body`` (one list per branch; inside a scan
-    every array has the number of steps as a leading axis: relevance per time step, ``total`` and
-    ``absorbed`` summed over the steps).
+    A ``scan`` / ``cond`` / ``jax.checkpoint`` layer reports ``relevance`` as a tuple, one array per explained
+    output (``total`` sums them all), absorbs what its body layers absorb plus the relevance that reaches
+    a constant initial carry (like a bias), and lists its body layers in ``body`` (one list per branch).
+    Inside a scan every array has the number of steps as a leading axis, indexed like the scan's ``xs``
+    (also with ``reverse=True``); ``total`` and ``absorbed`` are summed over the steps.
     """
     relevance: jax.Array  # at the layer's output, shape of the output
     total: jax.Array  # sum of relevance at the output

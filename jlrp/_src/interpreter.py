@@ -341,14 +341,29 @@ def _control_flow(layer: Layer, node, vals: list, probes: list | None) -> list:
     return list(body(list(vals), probes[0]))
 
 
+def control_outputs(plan: Plan, node) -> list[int]:
+    """The explained outputs of a control-flow node."""
+    return [v for v in node.outputs if v in plan.active]
+
+
+def constant_inits(plan: Plan, layer: Layer, node) -> list[int]:
+    """Operand positions of a scan's initial carries that are constant outside but explained in the body."""
+    if node.prim.name != "scan":
+        return []
+    nc, ncar = node.params["num_consts"], node.params["num_carry"]
+    return [k for k in range(nc, nc + ncar)
+            if layer.flags[k] and (isinstance(node.inputs[k], Lit) or node.inputs[k] not in plan.active)]
+
+
 def run(plan: Plan, flat_args: list, probes: dict | None = None) -> list:
     """Evaluate the plan's graph on ``flat_args``; layers carry their rules in the VJP.
 
     ``probes`` maps ``f"layer{index}"`` to zero arrays ``(like output, scalar)`` whose cotangents become
-    that layer's relevance and absorbed share (the conservation report; a control-flow layer's probe is
-    added to its output), ``f"body{index}"`` to a list of such dicts, one per body of a control-flow layer,
-    and ``f"root{k}"`` to a zero array added to the k-th embedding root (relevance of explained token ids
-    is read there).
+    that layer's relevance and absorbed share (the conservation report; a control-flow layer's probes,
+    one per explained output, are added to its outputs), ``f"body{index}"`` to a list of such dicts, one
+    per body of a control-flow layer, ``f"init{index}"`` to ``{operand position: zeros}`` added to a
+    scan's constant initial carries, and ``f"root{k}"`` to a zero array added to the k-th embedding root
+    (relevance of explained token ids is read there).
     """
     g = plan.graph
     probes = probes or {}
@@ -374,10 +389,13 @@ def run(plan: Plan, flat_args: list, probes: dict | None = None) -> list:
             internal.update(zip(node.outputs, outs))
             env.update(zip(node.outputs, outs))
         elif layer is not None and layer.body is not None:
-            env.update(zip(node.outputs, _control_flow(layer, node, [read(a) for a in node.inputs],
-                                                       probes.get(f"body{layer.info.index}"))))
+            vals = [read(a) for a in node.inputs]
+            for k, probe in probes.get(f"init{layer.info.index}", {}).items():
+                vals[k] = vals[k] + probe  # a constant initial carry that the body explains
+            env.update(zip(node.outputs, _control_flow(layer, node, vals, probes.get(f"body{layer.info.index}"))))
             if f"layer{layer.info.index}" in probes:
-                env[layer.output] = env[layer.output] + probes[f"layer{layer.info.index}"][0]
+                for v, probe in zip(control_outputs(plan, node), probes[f"layer{layer.info.index}"][0]):
+                    env[v] = env[v] + probe
             continue
         elif i in plan.skip and layer is None:
             continue

@@ -201,6 +201,8 @@ class _Analysis:
             if any(v in self.active for v in ins):
                 self.active.update(floats)
             elif any(v in self.from_ids for v in ins):
+                if floats and node.prim.name in _CONTROL_FLOW:
+                    raise _ids_in_body(node.prim.name)
                 self.from_ids.update(v for v in node.outputs if v not in floats)
                 self.active.update(floats)  # e.g. an embedding lookup of explained token ids
                 self.roots.extend(floats)
@@ -447,6 +449,8 @@ class _Analysis:
         else:  # remat: an open jaxpr without constants
             body = jcore.ClosedJaxpr(node.params["jaxpr"], [])
             bodies = [_Analysis(flatten(body), flags, [""] * len(flags), scope).run()]
+        if any(b.roots for b in bodies):
+            raise _ids_in_body(node.prim.name)
         outs = [v for v in node.outputs if v in self.active]
         return Layer(node.prim.name, [i], act, outs[0] if outs else node.outputs[0], body=bodies, flags=flags)
 
@@ -466,6 +470,16 @@ class _Analysis:
                 linear_index=None, num_linear=0,
                 input_shape=_shape(self.g, layer.inputs[0]), output_shape=_shape(self.g, layer.output),
                 origins=layer.origins, scope=self.scope)
+
+
+_CONTROL_FLOW = ("scan", "cond", "while", "remat2")
+
+
+def _ids_in_body(prim: str) -> NotImplementedError:
+    return NotImplementedError(
+        f"explained token ids are embedded inside a {prim} body; their relevance would be read at an embedding "
+        f"jlrp cannot see from outside the loop. Embed before the loop (e.g. vectors = emb[ids], then scan "
+        f"over the vectors) or explain the embedded vectors instead of the ids.")
 
 
 def fold_axes(head: Node, active_pos: int, w_ndim: int, out_ndim: int) -> dict[int, int] | None:
