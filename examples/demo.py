@@ -11,8 +11,10 @@ What it does:
 2. Explains the first ``--batch-size`` *correctly classified* held-out images for their label with every
    method in :data:`METHODS` (gradient, input x gradient, Integrated Gradients, LRP-epsilon, three LRP
    composites and a random baseline).
-3. Scores each explanation by region perturbation (MoRF and LeRF AOPC, Samek et al. 2017) and by
-   localisation against the mask (relevance mass / rank accuracy, Arras et al. 2022), and writes
+3. Scores each explanation by region perturbation (MoRF and LeRF AOPC, Samek et al. 2017), by
+   localisation against the mask (relevance mass / rank accuracy, Arras et al. 2022) and by the model
+   randomisation sanity check (rank correlation with the explanation of a model whose parameters were all
+   redrawn, Adebayo et al. 2018: high means the map ignores what the model learned), and writes
    ``heatmaps.png``, ``curves.png`` and ``results.md`` into ``--out``.
 4. Checks the claims the README makes (PASS/FAIL, with the numbers): on this model and seed, the MoRF AOPC
    of every LRP composite beats the gradient's, which beats random order; and the relevance mass accuracy
@@ -295,11 +297,12 @@ def write_curves(path: Path, results: dict[str, dict[str, Any]], region: int, ba
 def results_table(results: dict[str, dict[str, Any]]) -> str:
     """The markdown table of :func:`evaluate`'s means, a row per method (arrows: which way is better)."""
     lines = ["| method | MoRF AOPC ↑ | LeRF AOPC ↓ | MoRF − LeRF ↑ | normalised MoRF AOPC ↑ "
-             "| mass accuracy ↑ | rank accuracy ↑ | mask area |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|"]
+             "| mass accuracy ↑ | rank accuracy ↑ | mask area | randomised model ↓ |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for m, r in results.items():
         lines.append(f"| {m} | {r['aopc_morf']:.3f} | {r['aopc_lerf']:.3f} | {r['aopc_diff']:.3f} | "
-                     f"{r['naopc_morf']:.3f} | {r['mass']:.3f} | {r['rank']:.3f} | {r['area']:.3f} |")
+                     f"{r['naopc_morf']:.3f} | {r['mass']:.3f} | {r['rank']:.3f} | {r['area']:.3f} | "
+                     f"{r['randomized']:.3f} |")
     return "\n".join(lines)
 
 
@@ -314,7 +317,10 @@ def write_results(path: Path, args: argparse.Namespace, table: str, claims: list
         f"Perturbation: {args.region}x{args.region} regions, all {info['n_regions']} of them, replaced by the "
         f"'{args.baseline}' baseline; AOPC in logit units. Localisation against the mask of the deciding "
         f"object ({info['n_masked']} images with a non-empty mask); 'mask area' is the mask's area fraction, "
-        f"which random relevance scores on both accuracies (in expectation).", "",
+        f"which random relevance scores on both accuracies (in expectation). 'randomised model': rank "
+        f"correlation (Spearman, per image, mean) with the same method's explanation of the model with every "
+        f"parameter redrawn; near 1 means the map does not depend on what the model learned (the random "
+        f"baseline uses a fixed key and ignores the model: 1).", "",
         table, "",
         "## Claims", "",
         *[f"- {'PASS' if ok else 'FAIL'}: {line}" for ok, line in claims], "",
@@ -403,9 +409,14 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         relevance[name] = np.asarray(explain(x, y))
     timing["explaining (incl. compilation)"] = time.perf_counter() - t
     t = time.perf_counter()
+    # the sanity check: the same methods on the model with every parameter redrawn (same scale per leaf)
+    noise = jlrp.evaluation.randomize(params, list(params["params"]), jax.random.key(args.seed + 7))
+    random_ctx = dataclasses.replace(ctx, params=noise)
     for name in args.methods:
         results[name] = evaluate(logits, x, y, mask, jnp.asarray(relevance[name]), region=args.region,
                                  baseline=args.baseline)
+        shuffled = jax.jit(METHODS[name].build(random_ctx))(x, y)
+        results[name]["randomized"] = float(jlrp.evaluation.rank_correlation(relevance[name], shuffled).mean())
     timing["evaluating"] = time.perf_counter() - t
 
     # --- outputs --------------------------------------------------------------------------------------

@@ -62,9 +62,12 @@ def test_results_table_has_a_row_per_method_with_finite_numbers(demo, run):
         row = re.search(rf"^\| {name} \|(.*)\|$", text, re.M)
         assert row, f"no row for {name}"
         values = [float(v) for v in row.group(1).split("|")]
-        assert len(values) == 7 and all(math.isfinite(v) for v in values), row.group(0)
+        assert len(values) == 8 and all(math.isfinite(v) for v in values), row.group(0)
+        assert -1.0 <= values[-1] <= 1.0  # the randomised-model rank correlation
     assert "PASS" in text or "FAIL" in text  # the claims are reported
     assert set(result["results"]) == set(demo.METHODS)
+    # the sanity check: a map that ignores the model (the fixed-key random baseline) correlates exactly 1
+    assert result["results"]["random"]["randomized"] == pytest.approx(1.0)
     assert 0.0 <= result["accuracy"] <= 1.0
 
 

@@ -1,0 +1,116 @@
+"""Model-parameter randomisation sanity check: jlrp/_src/sanity.py."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import jlrp
+from jlrp import evaluation as E
+from test_patterns import CNN  # conv-pool-conv-dense-dense-dense
+
+
+def numpy_spearman(a, b):
+    """Rank correlation written out: average ranks for ties, then Pearson of the ranks."""
+    def ranks(v):
+        order = np.argsort(v, kind="stable")
+        r = np.empty(len(v))
+        r[order] = np.arange(1, len(v) + 1)
+        for value in np.unique(v):  # ties: the mean of their positions
+            r[v == value] = r[v == value].mean()
+        return r
+    ra, rb = ranks(a), ranks(b)
+    if ra.std() == 0 or rb.std() == 0:
+        return 0.0
+    return np.corrcoef(ra, rb)[0, 1]
+
+
+def test_rank_correlation_matches_numpy_with_ties_and_constants():
+    rng = np.random.default_rng(0)
+    a = rng.normal(size=(4, 3, 5))
+    b = a + rng.normal(size=a.shape)
+    a[1, 0] = 0.0  # ties
+    b[1, :, :2] = 0.0
+    b[2] = 1.0  # a constant map
+    got = np.asarray(E.rank_correlation(jnp.asarray(a), jnp.asarray(b)))
+    want = [numpy_spearman(a[i].ravel(), b[i].ravel()) for i in range(4)]
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-12)
+    assert got[2] == 0.0 and np.all(np.isfinite(got))
+    np.testing.assert_allclose(E.rank_correlation(jnp.asarray(a), jnp.asarray(a ** 3)), 1.0, rtol=1e-6)
+
+
+@pytest.fixture(scope="module")
+def trained():
+    data = jlrp.datasets.shapes(1000, size=16)
+    x, y = jnp.asarray(data.x, jnp.float32), jnp.asarray(data.y)
+    model = CNN()
+    params = model.init(jax.random.key(0), x[:1])
+    opt = optax.adam(3e-3)
+    state = opt.init(params)
+
+    @jax.jit
+    def step(params, state, key):
+        idx = jax.random.choice(key, len(x), (128,))
+        grads = jax.grad(lambda p: optax.softmax_cross_entropy_with_integer_labels(
+            model.apply(p, x[idx]), y[idx]).mean())(params)
+        updates, state = opt.update(grads, state, params)
+        return optax.apply_updates(params, updates), state
+
+    for key in jax.random.split(jax.random.key(1), 300):
+        params, state = step(params, state, key)
+    test = jlrp.datasets.shapes(200, size=16, seed=3)
+    xt, yt = jnp.asarray(test.x, jnp.float32), jnp.asarray(test.y)
+    accuracy = float((model.apply(params, xt).argmax(-1) == yt).mean())
+    return model, params, xt[:16], yt[:16], accuracy
+
+
+def test_randomize_redraws_only_the_named_modules(trained):
+    model, params, *_ = trained
+    key = jax.random.key(5)
+    new = E.randomize(params, ["Dense_1", "Conv_0"], key)
+    flat_old = dict(jax.tree_util.tree_leaves_with_path(params))
+    flat_new = dict(jax.tree_util.tree_leaves_with_path(new))
+    for path, old in flat_old.items():
+        changed = not np.array_equal(old, flat_new[path])
+        module = jax.tree_util.keystr(path)
+        assert changed == ("Dense_1" in module or "Conv_0" in module), module
+        if changed and old.size > 100:  # the scale is kept
+            np.testing.assert_allclose(flat_new[path].std(), old.std(), rtol=0.2)
+    again = E.randomize(params, ["Dense_1", "Conv_0"], key)
+    assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(new), jax.tree.leaves(again)))
+
+
+def test_randomisation_separates_explanations_from_artifacts(trained):
+    """LRP and input x gradient follow the model: after randomising the whole model their maps are far
+    from the trained model's. A map that ignores the parameters (the input itself, an 'edge detector')
+    stays identical at every step: the check flags it."""
+    model, params, x, y, accuracy = trained
+    print(f"\nCNN test accuracy {accuracy:.3f} (chance 0.25)")
+    assert accuracy > 0.5
+    lrp = jlrp.lrp(model.apply, jlrp.composites.epsilon_plus(), argnums=1)
+    ixg = jlrp.input_x_gradient(model.apply, argnums=1)
+    methods = {"lrp epsilon_plus": lambda p, x: lrp(p, x, target=y),
+               "input x gradient": lambda p, x: ixg(p, x, target=y),
+               "the input itself": lambda p, x: x}
+    key = jax.random.key(7)
+    results = {name: E.parameter_randomization(f, params, x, key) for name, f in methods.items()}
+    modules = results["lrp epsilon_plus"]["modules"]
+    assert modules == ["Dense_2", "Dense_1", "Dense_0", "Conv_1", "Conv_0"]  # output first
+    print("\nmean rank correlation of |R| with the trained model's, randomised cumulatively from the output:")
+    print(f"{'':>18} | " + " | ".join(f"{m:>8}" for m in modules))
+    for name, res in results.items():
+        assert res["spearman"].shape == res["spearman_abs"].shape == (5, len(x))
+        print(f"{name:>18} | " + " | ".join(f"{v:8.3f}" for v in np.asarray(res["spearman_abs"]).mean(1)))
+    np.testing.assert_allclose(results["the input itself"]["spearman"], 1.0, rtol=1e-6)
+    for name in ("lrp epsilon_plus", "input x gradient"):
+        full = np.asarray(results[name]["spearman"][-1]).mean()
+        print(f"{name}: signed rank correlation after randomising everything {full:.3f}")
+        assert full < 0.5, (name, full)
+    one_at_a_time = E.parameter_randomization(methods["lrp epsilon_plus"], params, x, key, cascade=False)
+    assert one_at_a_time["spearman"].shape == (5, len(x))
+    np.testing.assert_allclose(one_at_a_time["spearman"][0], results["lrp epsilon_plus"]["spearman"][0],
+                               rtol=1e-6)  # the first step is the same single module
+    skipped = E.parameter_randomization(methods["the input itself"], params, x, key, skip="Conv")
+    assert skipped["modules"] == ["Dense_2", "Dense_1", "Dense_0"]
+    with pytest.raises(ValueError, match="unknown modules"):
+        E.parameter_randomization(methods["lrp epsilon_plus"], params, x, key, order=["Dense_9"])
