@@ -114,3 +114,32 @@ def test_randomisation_separates_explanations_from_artifacts(trained):
     assert skipped["modules"] == ["Dense_2", "Dense_1", "Dense_0"]
     with pytest.raises(ValueError, match="unknown modules"):
         E.parameter_randomization(methods["lrp epsilon_plus"], params, x, key, order=["Dense_9"])
+
+
+def test_modules_of_equinox_and_nnx_models():
+    """Modules are found in any pytree: an Equinox MLP's list of layers (functions are not parameters)
+    and an NNX state; the check runs end to end on both."""
+    eqx = pytest.importorskip("equinox")
+    from flax import nnx
+
+    x = jax.random.normal(jax.random.key(0), (6, 3))
+    mlp = eqx.nn.MLP(3, 2, 8, 2, key=jax.random.key(1))
+    explain = jlrp.lrp(lambda m, x: jax.vmap(m)(x), jlrp.rules.epsilon(), argnums=1)
+    res = E.parameter_randomization(lambda m, x: explain(m, x, target=0), mlp, x, jax.random.key(2))
+    assert res["modules"] == ["layers/2", "layers/1", "layers/0"]
+    assert np.all(np.isfinite(res["spearman"])) and res["spearman"].shape == (3, 6)
+
+    class Net(nnx.Module):
+        def __init__(self, rngs):
+            self.hidden, self.out = nnx.Linear(3, 8, rngs=rngs), nnx.Linear(8, 2, rngs=rngs)
+
+        def __call__(self, x):
+            return self.out(jax.nn.relu(self.hidden(x)))
+
+    graphdef, state = nnx.split(Net(nnx.Rngs(0)))
+    apply = lambda state, x: nnx.merge(graphdef, state)(x)
+    explain = jlrp.lrp(apply, jlrp.rules.epsilon(), argnums=1)
+    res = E.parameter_randomization(lambda s, x: explain(s, x, target=1), state, x, jax.random.key(3),
+                                    order=["out", "hidden"])
+    assert res["modules"] == ["out", "hidden"] and np.all(np.isfinite(res["spearman"]))
+    assert float(res["spearman"][-1].mean()) < 0.9

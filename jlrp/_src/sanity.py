@@ -29,17 +29,29 @@ def rank_correlation(a: Array, b: Array) -> Array:
 
 
 def _module(path) -> str:
-    """The module a parameter belongs to: the first path entry that is not a collection name."""
-    keys = [str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path]
-    keys = [k for k in keys if k not in ("params", "batch_stats", "value")]
-    return keys[0] if keys else ""
+    """The module a parameter belongs to: the first path entry that is not a collection name, with the
+    list indices that follow it (``layers/0`` for an Equinox ``MLP``'s first layer)."""
+    keys = [k for k in path if str(getattr(k, "key", "")) not in ("params", "batch_stats")]
+    if not keys:
+        return ""
+    name = [str(getattr(keys[0], "key", getattr(keys[0], "name", getattr(keys[0], "idx", keys[0]))))]
+    for k in keys[1:]:
+        if not hasattr(k, "idx"):
+            break
+        name.append(str(k.idx))
+    return "/".join(name)
+
+
+def _is_float_array(leaf) -> bool:
+    return hasattr(leaf, "dtype") and hasattr(leaf, "shape") and jnp.issubdtype(leaf.dtype, jnp.floating)
 
 
 def _modules(params: Any) -> list[str]:
-    """Modules in the order their parameters are flattened (unique)."""
+    """Modules with floating-point parameters, in the order their parameters are flattened (unique)."""
     seen: dict[str, None] = {}
-    for path, _ in jax.tree_util.tree_leaves_with_path(params):
-        seen.setdefault(_module(path), None)
+    for path, leaf in jax.tree_util.tree_leaves_with_path(params):
+        if _is_float_array(leaf):
+            seen.setdefault(_module(path), None)
     return list(seen)
 
 
@@ -49,13 +61,28 @@ def randomize(params: Any, modules: Sequence[str], key: Array) -> Any:
     leaves, treedef = jax.tree_util.tree_flatten_with_path(params)
     out = []
     for i, (path, leaf) in enumerate(leaves):
-        leaf = jnp.asarray(leaf)
-        if _module(path) in modules and jnp.issubdtype(leaf.dtype, jnp.floating) and leaf.size:
+        if _module(path) in modules and _is_float_array(leaf) and leaf.size:
+            leaf = jnp.asarray(leaf)
             noise = jax.random.normal(jax.random.fold_in(key, i), leaf.shape, leaf.dtype)
             std = leaf.std() if leaf.size > 1 else jnp.abs(leaf).max()
             leaf = leaf.mean() + jnp.where(std > 0, std, 1.0) * noise
         out.append(leaf)
     return jax.tree_util.tree_unflatten(treedef, out)
+
+
+def _jit_over_arrays(explain: Callable, params: Any) -> Callable:
+    """``jax.jit(explain)`` tracing only the array leaves of ``params``; other leaves (an Equinox module's
+    activation functions) are taken from ``params`` as they are (randomisation leaves them alone)."""
+    leaves, treedef = jax.tree_util.tree_flatten(params)
+    is_array = [hasattr(leaf, "shape") and hasattr(leaf, "dtype") for leaf in leaves]
+
+    @jax.jit
+    def call(arrays, x):
+        it = iter(arrays)
+        full = [next(it) if a else leaf for leaf, a in zip(leaves, is_array)]
+        return explain(jax.tree_util.tree_unflatten(treedef, full), x)
+
+    return lambda p, x: call([leaf for leaf, a in zip(jax.tree_util.tree_leaves(p), is_array) if a], x)
 
 
 def parameter_randomization(explain: Callable[[Any, Array], Array], params: Any, x: Array, key: Array, *,
@@ -65,13 +92,15 @@ def parameter_randomization(explain: Callable[[Any, Array], Array], params: Any,
 
     Args:
       explain: ``explain(params, x) -> relevance`` shaped like ``x`` (e.g.
-        ``lambda p, x: jlrp.lrp(model.apply, composite, argnums=1)(p, x, target=y)``); jitted here once.
+        ``lambda p, x: jlrp.lrp(model.apply, composite, argnums=1)(p, x, target=y)``); jitted here once
+        over the array leaves of ``params`` (non-array leaves such as functions stay as they are).
       params: the trained parameters (any pytree: linen variables, an NNX state, a dict).
       x: a batch of inputs.
       key: PRNG key for the random parameters.
       order: module names to randomise, first to last (default: the modules in reverse flattening order,
         which for Flax models is usually output first; pass it explicitly to be sure). A module is the
-        first path entry of a parameter that is not ``params`` / ``batch_stats``.
+        first path entry of a parameter that is not ``params`` / ``batch_stats``, with the list indices
+        right after it (``Dense_0``, ``layers/2``).
       cascade: randomise cumulatively (the output module, then also the next, ...) or one at a time.
       skip: a regex of modules to leave out of the default order.
 
@@ -86,7 +115,7 @@ def parameter_randomization(explain: Callable[[Any, Array], Array], params: Any,
     unknown = sorted(set(names) - set(_modules(params)))
     if unknown:
         raise ValueError(f"unknown modules {unknown}; the parameters have {_modules(params)}")
-    explain = jax.jit(explain)
+    explain = _jit_over_arrays(explain, params)
     reference = explain(params, x)
     signed, absolute = [], []
     for step in range(len(names)):
