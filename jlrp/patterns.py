@@ -13,7 +13,8 @@ on data, and the signal-estimator quality measure rho.
 * :func:`patternattribution` - the gradient with weights replaced by ``W * a_+``, seeded with the
   target's output (like LRP).
 * :func:`rho` - ``1 - max_v corr(w^T x, v^T (x - S(x)))`` per dense layer for an estimator ``S``.
-* :class:`Patterns` - the fitted patterns (a pytree), with ``save`` / :func:`load` (``.npz``).
+* :class:`Patterns` - the fitted patterns (a pytree keyed by layer), with ``as_params(params)`` (the same
+  patterns arranged like ``params``) and ``save`` / :func:`load` (``.npz``).
 """
 from jlrp._src.patterns import Patterns, fit, load, patternattribution, patternnet, rho
 

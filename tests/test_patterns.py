@@ -356,6 +356,19 @@ def test_patterns_on_a_cnn_jit_vmap_and_conv(cnn):
         assert not np.allclose(eager, np.asarray(jlrp.gradient(lambda x: model.apply(params, x))(xs)))
 
 
+def test_patterns_arranged_like_the_params(cnn):
+    model, params, *_, pats = cnn
+    two = pats["two_component"]
+    for which in ("a", "a_minus"):
+        tree = two.as_params(params, which)
+        names = sorted(params["params"])
+        assert names == ["Conv_0", "Conv_1", "Dense_0", "Dense_1", "Dense_2"]
+        for layer, name in zip(two.layers, names):  # layers are in call order, as the module names
+            assert tree["params"][name]["bias"] is None
+            np.testing.assert_array_equal(tree["params"][name]["kernel"], getattr(two, which)[layer.index])
+            assert tree["params"][name]["kernel"].shape == params["params"][name]["kernel"].shape
+
+
 def test_fit_is_independent_of_the_batching():
     one, _ = _moments(mlp, (X_MLP,), [X_MLP], 0, "two_component")
     for size in (7, 1000):

@@ -109,6 +109,26 @@ class Patterns:
     kind: str = dataclasses.field(metadata=dict(static=True))
     layers: tuple[LayerInfo, ...] = dataclasses.field(metadata=dict(static=True))
 
+    def as_params(self, params: Any, which: str = "a") -> Any:
+        """The patterns arranged like ``params``: a pytree of ``params``' structure whose weight leaves
+        (those of the fitted layers) hold their pattern (``which``: 'a' or 'a_minus') and whose other
+        leaves are None. A weight is found by its path among the layer's parameters and its shape (BatchNorm
+        folded in, the pattern has the kernel's shape).
+
+            pats.as_params(params)["params"]["Dense_0"]["kernel"]   # the pattern of that Dense layer
+        """
+        chosen = getattr(self, which)
+        where: dict[str, jax.Array] = {}
+        shapes = {jax.tree_util.keystr(p, simple=True, separator="/"): jnp.shape(leaf)
+                  for p, leaf in jax.tree_util.tree_leaves_with_path(params)}
+        for layer in self.layers:
+            if layer.index in chosen:
+                match = [p for p in layer.params if shapes.get(p) == chosen[layer.index].shape]
+                if len(match) == 1:
+                    where[match[0]] = chosen[layer.index]
+        return jax.tree_util.tree_map_with_path(
+            lambda p, _: where.get(jax.tree_util.keystr(p, simple=True, separator="/")), params)
+
     def save(self, path: str) -> None:
         """Write to a numpy ``.npz`` file (arrays plus JSON metadata, no pickling)."""
         arrays = {f"{field}/{k}": np.asarray(v) for field in ("a", "a_minus", "fallback", "count")
