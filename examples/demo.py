@@ -1,6 +1,6 @@
 """jlrp showcase: train a small CNN, explain it with LRP and gradient methods, and measure the explanations.
 
-    python examples/demo.py                      # about two to three minutes on 2 CPU cores
+    python examples/demo.py                      # about a minute on 2 CPU cores
     python examples/demo.py --quick --out /tmp/q  # tiny settings (used by the tests)
 
 What it does:

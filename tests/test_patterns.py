@@ -434,3 +434,25 @@ def test_errors():
         P.fit(toy_linear, (TOY_X,), [])
     with pytest.raises(ValueError, match="estimator"):
         P.rho(toy_linear, (TOY_X,), "linear", [TOY_X])
+
+
+def test_equinox_model_and_as_params_errors():
+    """Models whose parameters carry functions (Equinox) fit, explain and score like any other; as_params
+    refuses parameters it cannot place instead of returning an empty tree."""
+    eqx = pytest.importorskip("equinox")
+    mlp = eqx.nn.MLP(5, 3, 8, 2, key=jax.random.key(0))
+    apply = lambda m, x: jax.vmap(m)(x)
+    pats = P.fit(apply, (mlp, X_MLP), chunks(X_MLP, 1000), argnums=1)
+    assert [l.kind for l in pats.layers] == ["dense"] * 3
+    r = P.patternattribution(apply, pats, argnums=1)(mlp, X_MLP[:4], target=0)
+    assert r.shape == (4, 5) and np.all(np.isfinite(r))
+    assert sorted(P.rho(apply, (mlp, X_MLP), pats, [X_MLP], argnums=1)) == sorted(pats.a)
+    with pytest.raises(ValueError, match="no fitted layer's weight"):
+        pats.as_params({"other": jnp.ones(3)})
+    closure = P.fit(lambda x: mlp_apply_closed(x), (X_MLP,), [X_MLP])
+    with pytest.raises(ValueError, match="closure"):
+        closure.as_params({"w1": W1})
+
+
+def mlp_apply_closed(x):
+    return mlp(x)

@@ -143,3 +143,68 @@ def test_modules_of_equinox_and_nnx_models():
                                     order=["out", "hidden"])
     assert res["modules"] == ["out", "hidden"] and np.all(np.isfinite(res["spearman"]))
     assert float(res["spearman"][-1].mean()) < 0.9
+
+
+def test_randomize_keeps_scale_sign_and_earlier_draws():
+    params = {"params": {"Dense_0": {"kernel": jnp.linspace(-1.0, 1.0, 64).reshape(8, 8), "bias": jnp.zeros(8)},
+                         "BatchNorm_0": {"scale": jnp.linspace(0.5, 1.5, 8), "bias": jnp.linspace(-1, 1, 8)}},
+              "batch_stats": {"BatchNorm_0": {"mean": jnp.linspace(-1, 1, 8), "var": jnp.linspace(0.1, 2.0, 8)}},
+              "step": jnp.array(3)}
+    key = jax.random.key(0)
+    new = E.randomize(params, ["Dense_0", "BatchNorm_0"], key)
+    np.testing.assert_array_equal(new["params"]["Dense_0"]["bias"], 0.0)  # constant: stays
+    assert not np.allclose(new["params"]["Dense_0"]["kernel"], params["params"]["Dense_0"]["kernel"])
+    assert float(new["batch_stats"]["BatchNorm_0"]["var"].min()) > 0  # batch_stats belong to the module
+    assert float(new["params"]["BatchNorm_0"]["scale"].min()) > 0
+    assert not np.allclose(new["batch_stats"]["BatchNorm_0"]["mean"], params["batch_stats"]["BatchNorm_0"]["mean"])
+    assert int(new["step"]) == 3
+    # one module, by exact name (a string is one name, not a set of characters or a prefix)
+    one = E.randomize(params, "Dense_0", key)
+    np.testing.assert_array_equal(one["params"]["Dense_0"]["kernel"], new["params"]["Dense_0"]["kernel"])
+    np.testing.assert_array_equal(one["params"]["BatchNorm_0"]["scale"], params["params"]["BatchNorm_0"]["scale"])
+
+
+def test_nan_maps_are_not_a_pass():
+    a = jnp.arange(12.0).reshape(2, 6)
+    got = np.asarray(E.rank_correlation(a, a.at[0, 2].set(jnp.nan)))
+    assert np.isnan(got[0]) and got[1] == pytest.approx(1.0)
+
+
+def test_default_order_is_the_call_order_output_first():
+    """The default order comes from the forward pass, not from the (alphabetical) parameter keys: module
+    names out of alphabetical order, more than 10 layers, a BatchNorm in between, plain pytrees."""
+    import flax.linen as nn
+
+    class Net(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            x = nn.relu(nn.Dense(4, name="encoder")(x))
+            x = nn.BatchNorm(use_running_average=True, name="norm")(x)
+            for i in range(11):
+                x = nn.relu(nn.Dense(4, name=f"hidden_{i}")(x))
+            return nn.Dense(2, name="classifier")(x)
+
+    x = jax.random.normal(jax.random.key(0), (3, 5))
+    model = Net()
+    variables = model.init(jax.random.key(1), x)
+    lrp = jlrp.lrp(model.apply, jlrp.rules.epsilon(), argnums=1)
+    res = E.parameter_randomization(lambda p, x: lrp(p, x, target=0), variables, x, jax.random.key(2))
+    expected = ["encoder", "norm", *(f"hidden_{i}" for i in range(11)), "classifier"][::-1]
+    assert res["modules"] == expected
+
+    # plain pytrees: a list of (W, b) layers groups by list index; a flat dict is one module ''
+    layers = [(jax.random.normal(jax.random.key(3), (5, 4)), jnp.zeros(4)),
+              (jax.random.normal(jax.random.key(4), (4, 2)), jnp.zeros(2))]
+
+    def mlp(layers, x):
+        for w, b in layers[:-1]:
+            x = jax.nn.relu(x @ w + b)
+        return x @ layers[-1][0] + layers[-1][1]
+
+    res = E.parameter_randomization(lambda p, x: jlrp.gradient(mlp, argnums=1)(p, x, target=1), layers, x,
+                                    jax.random.key(5))
+    assert res["modules"] == ["1", "0"]
+    flat = {"w1": layers[0][0], "w2": layers[1][0]}
+    res = E.parameter_randomization(lambda p, x: jlrp.gradient(lambda p, x: jax.nn.relu(x @ p["w1"]) @ p["w2"],
+                                                                argnums=1)(p, x, target=1), flat, x, key=jax.random.key(6))
+    assert res["modules"] == [""]

@@ -29,6 +29,7 @@ from .api import _explain, transform
 from .composites import Composite
 from .interpreter import TAP
 from .layers import LayerInfo, fold_axes
+from .util import eval_shape_arrays, jit_arrays
 
 Kind = Literal["two_component", "linear"]
 _LINEAR = ("dense", "conv")
@@ -126,6 +127,10 @@ class Patterns:
                 match = [p for p in layer.params if shapes.get(p) == chosen[layer.index].shape]
                 if len(match) == 1:
                     where[match[0]] = chosen[layer.index]
+        if not where:
+            raise ValueError("as_params: no fitted layer's weight was found in `params`; pass the same "
+                             "parameter pytree that `fit` received as an argument (e.g. the full linen variables, "
+                             "not params['params']; patterns fitted on a closure know no parameter paths)")
         return jax.tree_util.tree_map_with_path(
             lambda p, _: where.get(jax.tree_util.keystr(p, simple=True, separator="/")), params)
 
@@ -232,12 +237,12 @@ def _moments(fn: Callable, args: tuple, batches: Iterable, argnums: int, kind: s
             merged[k].update(n=total, w=b["w"])
         return merged
 
-    step = jax.jit(step)
+    step = jit_arrays(step)  # non-array leaves (an Equinox module's functions) stay static
     state = None
     for batch in batches:
         batch_args = _replace(args, argnums, batch)
         if state is None:
-            state = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(batch_stats, batch_args))
+            state = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), eval_shape_arrays(batch_stats, batch_args))
             if not state:
                 raise ValueError("patterns: the function has no dense or conv layer on the explained input")
         state = step(state, batch_args)
@@ -343,17 +348,22 @@ def patternattribution(fn: Callable, patterns: Patterns, *, argnums: int = 0) ->
 
 
 def _dense_layout(op, x, w) -> bool | None:
-    """For a dense layer ``x[..., i] w[i, j]`` False, for ``x[..., i] w[j, i]`` True (transposed weight),
-    None for any other layout (not scored)."""
-    spec = lambda a: jax.ShapeDtypeStruct(jnp.shape(a), jnp.result_type(a))
-    jaxpr = jax.make_jaxpr(op)(spec(x), spec(w)).jaxpr
-    eqns = [e for e in jaxpr.eqns if e.primitive.name == "dot_general"]
-    if len(jaxpr.eqns) != 1 or len(eqns) != 1 or w.ndim != 2 or eqns[0].invars[0] is not jaxpr.invars[0]:
+    """For a dense layer computing ``x[..., i] w[i, j]`` False, ``x[..., i] w[j, i]`` True (a transposed
+    weight, e.g. Equinox's ``W @ x``), None for anything else (not scored). Decided by evaluating the
+    layer's op on random inputs of its shapes (at trace time), so any jaxpr spelling of it is recognised."""
+    if w.ndim != 2 or x.ndim < 1:
         return None
-    (lc, rc), (lb, rb) = eqns[0].params["dimension_numbers"]
-    if tuple(lc) != (x.ndim - 1,) or lb or rb or tuple(rc) not in ((0,), (1,)):
-        return None
-    return tuple(rc) == (1,)
+    rng = np.random.default_rng(0)
+    with jax.ensure_compile_time_eval():
+        xp = rng.normal(size=x.shape).astype(np.float32)
+        wp = rng.normal(size=w.shape).astype(np.float32)
+        y = np.asarray(op(jnp.asarray(xp), jnp.asarray(wp)), np.float64)
+    flat = xp.reshape(-1, x.shape[-1]).astype(np.float64)
+    for transposed, m in ((False, wp), (True, wp.T)):
+        if m.shape[0] == x.shape[-1] and y.shape[:-1] == x.shape[:-1] and y.shape[-1] == m.shape[1]:
+            if np.allclose(y.reshape(-1, m.shape[1]), flat @ m, rtol=1e-4, atol=1e-4 * np.abs(y).max()):
+                return transposed
+    return None
 
 
 def rho(fn: Callable, args: Sequence, patterns_or_estimator: Patterns | str, batches: Iterable, *,
@@ -404,7 +414,7 @@ def rho(fn: Callable, args: Sequence, patterns_or_estimator: Patterns | str, bat
         forward(args, tap)
         return out
 
-    collect = jax.jit(collect)
+    collect = jit_arrays(collect)
     flip = lambda k, a: a.T if transposed[k] else a  # to the (inputs, units) layout
     xs: dict[int, list] = {}
     weights: dict[int, np.ndarray] = {}

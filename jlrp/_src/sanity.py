@@ -15,35 +15,41 @@ import jax
 import jax.numpy as jnp
 import jax.scipy.stats
 
+from .graph import Lit, flatten
+from .util import is_array, jit_arrays
+
 Array = jax.Array
 
 
 def rank_correlation(a: Array, b: Array) -> Array:
     """Spearman rank correlation per example (leading axis) of two relevance maps, ``(N,)``; ties get
-    their average rank. NaN-free: a constant map correlates 0 with anything."""
+    their average rank. A constant map correlates 0 with anything; a map with a NaN gives NaN (a broken
+    explanation must not pass for one that changed)."""
     a, b = (jnp.asarray(v).reshape(v.shape[0], -1) for v in (a, b))
     ra, rb = (jax.vmap(jax.scipy.stats.rankdata)(v) for v in (a, b))
     ra, rb = ra - ra.mean(1, keepdims=True), rb - rb.mean(1, keepdims=True)
     norm = jnp.sqrt((ra * ra).sum(1) * (rb * rb).sum(1))
-    return jnp.where(norm > 0, (ra * rb).sum(1) / jnp.where(norm > 0, norm, 1), 0.0)
+    corr = jnp.where(norm > 0, (ra * rb).sum(1) / jnp.where(norm > 0, norm, 1), 0.0)
+    broken = jnp.isnan(a).any(1) | jnp.isnan(b).any(1)
+    return jnp.where(broken, jnp.nan, corr)
+
+
+_COLLECTIONS = ("params", "batch_stats")
 
 
 def _module(path) -> str:
-    """The module a parameter belongs to: the first path entry that is not a collection name, with the
-    list indices that follow it (``layers/0`` for an Equinox ``MLP``'s first layer)."""
-    keys = [k for k in path if str(getattr(k, "key", "")) not in ("params", "batch_stats")]
-    if not keys:
-        return ""
-    name = [str(getattr(keys[0], "key", getattr(keys[0], "name", getattr(keys[0], "idx", keys[0]))))]
-    for k in keys[1:]:
-        if not hasattr(k, "idx"):
-            break
-        name.append(str(k.idx))
-    return "/".join(name)
+    """The module a parameter belongs to: its path without the leaf's own name and without collection
+    names (``Dense_0`` for ``params/Dense_0/kernel`` and ``batch_stats/..``; ``hidden`` for an NNX state's
+    ``hidden/kernel/value``; ``layers/0`` for an Equinox MLP's first layer; ``block/Dense_1`` when nested;
+    ``''`` for the top-level leaves of a flat dict)."""
+    keys = [str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path]
+    if len(keys) > 1 and isinstance(path[-1], jax.tree_util.GetAttrKey) and keys[-1] == "value":
+        keys.pop()  # an NNX Variable's value: the parameter's name is the entry before
+    return "/".join(k for k in keys[:-1] if k not in _COLLECTIONS)
 
 
 def _is_float_array(leaf) -> bool:
-    return hasattr(leaf, "dtype") and hasattr(leaf, "shape") and jnp.issubdtype(leaf.dtype, jnp.floating)
+    return is_array(leaf) and jnp.issubdtype(leaf.dtype, jnp.floating) and leaf.size > 0
 
 
 def _modules(params: Any) -> list[str]:
@@ -55,34 +61,56 @@ def _modules(params: Any) -> list[str]:
     return list(seen)
 
 
-def randomize(params: Any, modules: Sequence[str], key: Array) -> Any:
-    """``params`` with every floating-point leaf of the named modules redrawn from a normal with the leaf's
-    own mean and standard deviation (so activations keep their scale); other leaves unchanged."""
+def randomize(params: Any, modules: str | Sequence[str], key: Array) -> Any:
+    """``params`` with every floating-point leaf of the named modules (exact names, see
+    :func:`parameter_randomization`) redrawn from a normal with the leaf's own mean and standard deviation,
+    so the layer keeps its scale. A constant leaf (zero-initialised bias, std 0) stays as it is; a leaf
+    with only positive entries (BatchNorm variances and scales) is redrawn as ``|draw|``, so it stays
+    positive. The draw of a leaf depends only on ``key`` and the leaf's position: randomising more modules
+    with the same key keeps the earlier draws. Other leaves are unchanged."""
+    names = {modules} if isinstance(modules, str) else set(modules)
     leaves, treedef = jax.tree_util.tree_flatten_with_path(params)
     out = []
     for i, (path, leaf) in enumerate(leaves):
-        if _module(path) in modules and _is_float_array(leaf) and leaf.size:
+        if _module(path) in names and _is_float_array(leaf):
             leaf = jnp.asarray(leaf)
-            noise = jax.random.normal(jax.random.fold_in(key, i), leaf.shape, leaf.dtype)
-            std = leaf.std() if leaf.size > 1 else jnp.abs(leaf).max()
-            leaf = leaf.mean() + jnp.where(std > 0, std, 1.0) * noise
+            draw = leaf.mean() + leaf.std() * jax.random.normal(jax.random.fold_in(key, i), leaf.shape, leaf.dtype)
+            leaf = jnp.where(leaf.min() > 0, jnp.abs(draw), draw)
         out.append(leaf)
     return jax.tree_util.tree_unflatten(treedef, out)
 
 
-def _jit_over_arrays(explain: Callable, params: Any) -> Callable:
-    """``jax.jit(explain)`` tracing only the array leaves of ``params``; other leaves (an Equinox module's
-    activation functions) are taken from ``params`` as they are (randomisation leaves them alone)."""
-    leaves, treedef = jax.tree_util.tree_flatten(params)
-    is_array = [hasattr(leaf, "shape") and hasattr(leaf, "dtype") for leaf in leaves]
+def _call_order(explain: Callable, params: Any, x: Array) -> list[str]:
+    """Modules in the order the explanation's forward pass combines their parameters with the input: the
+    order in which the model calls its layers. Found on the flattened jaxpr (through jit and custom_vjp
+    calls) by following which values derive from which parameters; work on parameters alone (folding
+    BatchNorm, casting) does not count, as it may be hoisted. Modules never combined with the input follow
+    in flattening order."""
+    leaves, treedef = jax.tree_util.tree_flatten_with_path(params)
+    arrays = [k for k, (_, leaf) in enumerate(leaves) if is_array(leaf)]
 
-    @jax.jit
-    def call(arrays, x):
-        it = iter(arrays)
-        full = [next(it) if a else leaf for leaf, a in zip(leaves, is_array)]
+    def f(values, x):
+        full = [leaf for _, leaf in leaves]
+        for k, v in zip(arrays, values):
+            full[k] = v
         return explain(jax.tree_util.tree_unflatten(treedef, full), x)
 
-    return lambda p, x: call([leaf for leaf, a in zip(jax.tree_util.tree_leaves(p), is_array) if a], x)
+    graph = flatten(jax.make_jaxpr(f)([leaves[k][1] for k in arrays], x))
+    from_params = {v: frozenset([_module(leaves[k][0])]) for k, v in zip(arrays, graph.inputs)
+                   if _is_float_array(leaves[k][1])}
+    from_input = set(graph.inputs[len(arrays):])
+    first: dict[str, int] = {}
+    for n, node in enumerate(graph.nodes):
+        ids = [v for v in node.inputs if not isinstance(v, Lit)]
+        names = frozenset().union(*(from_params.get(v, frozenset()) for v in ids))
+        if any(v in from_input for v in ids):
+            from_input.update(node.outputs)
+            for name in sorted(names):
+                first.setdefault(name, n)
+        elif names:
+            from_params.update((v, names) for v in node.outputs)
+    used = sorted(first, key=first.get)
+    return used + [m for m in _modules(params) if m not in first]
 
 
 def parameter_randomization(explain: Callable[[Any, Array], Array], params: Any, x: Array, key: Array, *,
@@ -97,10 +125,10 @@ def parameter_randomization(explain: Callable[[Any, Array], Array], params: Any,
       params: the trained parameters (any pytree: linen variables, an NNX state, a dict).
       x: a batch of inputs.
       key: PRNG key for the random parameters.
-      order: module names to randomise, first to last (default: the modules in reverse flattening order,
-        which for Flax models is usually output first; pass it explicitly to be sure). A module is the
-        first path entry of a parameter that is not ``params`` / ``batch_stats``, with the list indices
-        right after it (``Dense_0``, ``layers/2``).
+      order: module names to randomise, first to last (default: every module the explanation reads, the
+        output layer first: the reverse of the order in which the forward pass first uses their
+        parameters). A module is a parameter's path without the leaf's name and without collection names
+        (``Dense_0``, ``block/Dense_1``, ``layers/2``; ``''`` for a flat dict's leaves).
       cascade: randomise cumulatively (the output module, then also the next, ...) or one at a time.
       skip: a regex of modules to leave out of the default order.
 
@@ -110,12 +138,12 @@ def parameter_randomization(explain: Callable[[Any, Array], Array], params: Any,
       model's. High values after the whole model is randomised flag an explanation as an artifact; for a
       faithful method they fall towards 0 as randomisation proceeds.
     """
-    names = list(order) if order is not None else [m for m in reversed(_modules(params))
+    names = list(order) if order is not None else [m for m in reversed(_call_order(explain, params, x))
                                                    if not (skip and re.search(skip, m))]
     unknown = sorted(set(names) - set(_modules(params)))
     if unknown:
         raise ValueError(f"unknown modules {unknown}; the parameters have {_modules(params)}")
-    explain = _jit_over_arrays(explain, params)
+    explain = jit_arrays(explain)
     reference = explain(params, x)
     signed, absolute = [], []
     for step in range(len(names)):

@@ -1,0 +1,52 @@
+"""Small helpers shared by the evaluation tools."""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import jax
+import numpy as np
+
+
+def is_array(leaf: Any) -> bool:
+    return isinstance(leaf, (jax.Array, np.ndarray, np.generic))
+
+
+def partition(tree: Any) -> tuple[list, Callable[[list], Any], tuple]:
+    """The array leaves of ``tree``, a function rebuilding ``tree`` from new array leaves, and a key
+    describing everything else (structure and the non-array leaves, e.g. an Equinox module's functions)."""
+    leaves, treedef = jax.tree_util.tree_flatten(tree)
+    arrays = tuple(is_array(leaf) for leaf in leaves)
+    statics = tuple(None if a else leaf for a, leaf in zip(arrays, leaves))
+
+    def rebuild(values: list) -> Any:
+        it = iter(values)
+        return jax.tree_util.tree_unflatten(treedef, [next(it) if a else s for a, s in zip(arrays, statics)])
+
+    return [leaf for leaf, a in zip(leaves, arrays) if a], rebuild, (treedef, arrays, statics)
+
+
+def jit_arrays(fn: Callable) -> Callable:
+    """``jax.jit(fn)`` tracing only the array leaves of its positional arguments; the other leaves are
+    static (part of the cache key, or, when unhashable, closed over for that call)."""
+    cache: dict = {}
+
+    def call(*args):
+        values, rebuild, key = partition(args)
+        try:
+            hash(key)
+        except TypeError:
+            key = None
+        if key is None or key not in cache:
+            jitted = jax.jit(lambda values: fn(*rebuild(values)))
+            if key is None:
+                return jitted(values)
+            cache[key] = jitted
+        return cache[key](values)
+
+    return call
+
+
+def eval_shape_arrays(fn: Callable, *args) -> Any:
+    """``jax.eval_shape(fn, *args)`` for arguments with non-array leaves (kept as they are)."""
+    values, rebuild, _ = partition(args)
+    return jax.eval_shape(lambda values: fn(*rebuild(values)), values)
