@@ -12,11 +12,11 @@ from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax.extend import core as jcore
 
 from . import rules as R
 from .graph import Graph, Lit, flatten
+from .util import is_array
 from .layers import REGISTRY, RESHAPES, Layer, Plan, _Analysis, _ids, chain_axis_map, fold_axes, lin_scale_axes
 
 # -------------------------------------------------------------------------------------------------------
@@ -50,7 +50,7 @@ class Tracer:
         leaves, treedef = jax.tree_util.tree_flatten_with_path(args)
         paths = [jax.tree_util.keystr(p[1:], simple=True, separator="/") for p, _ in leaves]
         explained = [p[0].idx in self.argnums for p, _ in leaves]
-        dynamic = [e or _is_array(leaf) for e, (_, leaf) in zip(explained, leaves)]
+        dynamic = [e or is_array(leaf) for e, (_, leaf) in zip(explained, leaves)]
         statics = tuple(None if d else leaf for d, (_, leaf) in zip(dynamic, leaves))
         avals = tuple(_aval_of(leaf) for d, (_, leaf) in zip(dynamic, leaves) if d)
         try:
@@ -82,10 +82,6 @@ class Tracer:
             with self._lock:
                 self._cache[key] = result
         return result
-
-
-def _is_array(leaf) -> bool:
-    return isinstance(leaf, (jax.Array, np.ndarray, np.generic))
 
 
 def dynamic_leaves(plan: Plan, args: tuple) -> list:

@@ -1,4 +1,4 @@
-"""Small helpers shared by the evaluation tools."""
+"""Small helpers: array leaves of pytrees, and jit / eval_shape over them (non-array leaves static)."""
 from __future__ import annotations
 
 from typing import Any, Callable
