@@ -12,12 +12,12 @@ from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
-from jax.extend import core as jcore
+import numpy as np
 
 from . import rules as R
 from .graph import Graph, Lit, flatten
-from .util import is_array
 from .layers import REGISTRY, RESHAPES, Layer, Plan, _Analysis, _ids, chain_axis_map, fold_axes, lin_scale_axes
+from .util import is_array
 
 # -------------------------------------------------------------------------------------------------------
 # Tracing and its cache
