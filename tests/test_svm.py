@@ -312,10 +312,9 @@ def test_relevance_localises_on_the_deciding_shape(data, hard_model, soft_model)
     assert hard["plain"] > 2 * hard["plain_area"] and hard["dilated"] > 1.5 * hard["dilated_area"]
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("seed", [1, 2, 3, 4])
 def test_localisation_over_seeds(seed):
-    """The > 60 % target on other data and codebook seeds (the default run covers seed 0 above)."""
+    """The > 60 % target on other data and codebook seeds (measured 0.84-0.96; about 2 s per seed)."""
     xtr, ytr, _ = make_shapes(N_TRAIN, 10 * seed)
     xte, yte, mte = make_shapes(N_TEST, 10 * seed + 1)
     model = svm.train_bow_svm(jnp.asarray(xtr), ytr, k=32, key=jax.random.PRNGKey(seed), C=10.0, steps=2000,
