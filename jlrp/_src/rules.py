@@ -206,8 +206,12 @@ def propagate(rule: Rule, op: Callable[..., Array], xs: Sequence[Array], weight:
             if any(m is None for m in mods):
                 continue  # an input factor is exactly zero: so are z_k and its relevance
             x_k = tuple(m(x) for m, x in zip(mods, xs))
-            w_k = None if weight is None else jax.tree.map(term.weight, weight)
-            z_k, pullback = jax.vjp(lambda *a, w_k=w_k: op(*a, w_k), *x_k)
+            units = _unit_axes(op, x_k, weight, z) if term.weight is _ones else None
+            if units is not None:  # an all-ones weight: one output unit, broadcast (no ones matrix)
+                z_k, pullback = _ones_weight_vjp(op, x_k[0], units, z)
+            else:
+                w_k = None if weight is None else jax.tree.map(term.weight, weight)
+                z_k, pullback = jax.vjp(lambda *a, w_k=w_k: op(*a, w_k), *x_k)
             if reuse and term.weight == _identity and all(m == _identity for m in mods):
                 z_k = z if bias is None else z - bias  # the layer's own output, already computed
             terms.append(term)
@@ -227,6 +231,46 @@ def propagate(rule: Rule, op: Callable[..., Array], xs: Sequence[Array], weight:
                 r_in[i] = r_in[i] + (term.sign / degree) * x * ct
         explained = explained + jnp.sum(signal * x_part)
     return tuple(r_in), jnp.sum(relevance) - explained
+
+
+def _unit_axes(op, xs, weight, z) -> tuple[tuple[int, ...], tuple[int, ...]] | None:
+    """For a layer with one input and an array weight: the weight axes that index output units and the
+    output axes they become, found by shape evaluation (a weight axis is a unit axis when shrinking it to
+    1 shrinks exactly one output axis of the same size to 1: dense outputs, conv output features, not
+    contracted or kernel-window axes, not grouped convs). None when there are none or it is unclear."""
+    if len(xs) != 1 or not isinstance(weight, jax.Array):
+        return None
+    x = jax.ShapeDtypeStruct(xs[0].shape, xs[0].dtype)
+
+    def out_shape(w_shape):
+        try:
+            return jax.eval_shape(op, x, jax.ShapeDtypeStruct(w_shape, weight.dtype)).shape
+        except Exception:  # a shape the op rejects (contracted axis, grouped conv): not a unit axis
+            return None
+
+    w_axes, out_axes = [], []
+    for a, n in enumerate(weight.shape):
+        shape = out_shape(weight.shape[:a] + (1,) + weight.shape[a + 1:])
+        if n == 1 or shape is None or len(shape) != z.ndim:
+            continue
+        changed = [k for k in range(z.ndim) if shape[k] != z.shape[k]]
+        if len(changed) == 1 and shape[changed[0]] == 1 and z.shape[changed[0]] == n:
+            w_axes.append(a)
+            out_axes.append(changed[0])
+    if not w_axes:
+        return None
+    reduced = tuple(1 if a in w_axes else n for a, n in enumerate(weight.shape))
+    expected = tuple(1 if k in out_axes else n for k, n in enumerate(z.shape))
+    return (reduced, tuple(out_axes)) if out_shape(reduced) == expected else None
+
+
+def _ones_weight_vjp(op, x, units, z):
+    """``op(x; ones)`` and its VJP with a single output unit instead of a full ones weight: every unit of
+    an all-ones weight computes the same sum, so compute it once and broadcast (the VJP sums over units)."""
+    reduced, out_axes = units
+    ones = jnp.ones(reduced, x.dtype)
+    z_one, pullback_one = jax.vjp(lambda a: op(a, ones), x)
+    return jnp.broadcast_to(z_one, z.shape), lambda s: pullback_one(jnp.sum(s, axis=out_axes, keepdims=True))
 
 
 def _shared_plan(rule: Rule, n_inputs: int, weight, nonneg: Sequence[bool], reuse: bool):
