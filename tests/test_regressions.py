@@ -123,11 +123,14 @@ def test_python_scalar_arguments_stay_static():
     np.testing.assert_allclose(r3.sum(1), f(x, 3)[:, 0], rtol=1e-6)
 
 
-def test_flat_does_not_build_a_ones_weight():
+@pytest.mark.parametrize("as_numpy", [False, True])
+def test_flat_does_not_build_a_ones_weight(as_numpy):
     """Flat replaces the weight by ones: every output unit then computes the same sum, so jlrp computes one
     unit and broadcasts. Before, a ones matrix of the weight's size was built (MLP memory 7.8x jax.grad).
-    Checked on the compiled program's temporary memory, and against the full computation."""
+    Checked on the compiled program's temporary memory (jax and numpy weights), and against the full
+    computation."""
     w = jax.random.normal(jax.random.key(0), (1024, 512), jnp.float32)
+    w = np.asarray(w) if as_numpy else w
     x = jax.random.normal(jax.random.key(1), (8, 1024), jnp.float32)
     model = lambda x: jax.nn.relu(x @ w) @ w[:512, :10]
     explain = jax.jit(lambda x: jlrp.lrp(model, jlrp.composites.epsilon_plus_flat())(x, target=0))
@@ -138,3 +141,40 @@ def test_flat_does_not_build_a_ones_weight():
     first = jlrp.report(model, jlrp.composites.epsilon_plus_flat())(x, target=0).layers[0]
     np.testing.assert_allclose(r, np.broadcast_to(np.asarray(first.relevance).sum(1, keepdims=True) / 1024,
                                                    r.shape), rtol=1e-5)
+
+
+@pytest.mark.parametrize("case", ["convolve_short_signal", "kernel_explained", "multihead_reshape",
+                                  "numpy_weight", "transposed"])
+def test_flat_shortcut_matches_the_ones_jacobian(case):
+    """Flat against its definition: with input and weight replaced by ones the layer is the linear map M,
+    R_in = M^T (R_out / M 1). Includes layouts where the explained input is the convolution's kernel (the
+    shortcut must not treat the constant image's axes as output units) and a numpy weight."""
+    rng = np.random.default_rng(0)
+    if case == "convolve_short_signal":  # jnp swaps the operands: the explained signal becomes the kernel
+        w, x = jnp.asarray(rng.normal(size=5)), jnp.asarray(rng.normal(size=3))
+        f, f_ones = (lambda x: jnp.convolve(x, w, mode="same")), (lambda x: jnp.convolve(x, jnp.ones(5), mode="same"))
+    elif case == "kernel_explained":
+        img = jnp.asarray(rng.normal(size=(1, 2, 6, 6)))
+        x = jnp.asarray(rng.normal(size=(3, 2, 3, 3)))
+        conv = lambda im, k: jax.lax.conv_general_dilated(im, k, (1, 1), "SAME")
+        f, f_ones = (lambda k: conv(img, k).reshape(-1)), (lambda k: conv(jnp.ones_like(img), k).reshape(-1))
+    elif case == "multihead_reshape":
+        w = jnp.asarray(rng.normal(size=(2, 4, 3)))
+        x = jnp.asarray(rng.normal(size=(2, 5, 4)))
+        proj = lambda x, w: jnp.einsum("bsd,hdk->bshk", x, w).reshape(2, 5, 6)
+        f, f_ones = (lambda x: proj(x, w)), (lambda x: proj(x, jnp.ones_like(w)))
+    elif case == "numpy_weight":
+        w = rng.normal(size=(6, 4))
+        x = jnp.asarray(rng.normal(size=(3, 6)))
+        f, f_ones = (lambda x: x @ w), (lambda x: x @ np.ones_like(w))
+    else:  # W @ x under vmap (Equinox's Linear)
+        w = jnp.asarray(rng.normal(size=(4, 6)))
+        x = jnp.asarray(rng.normal(size=(3, 6)))
+        f, f_ones = (lambda x: jax.vmap(lambda v: w @ v)(x)), (lambda x: jax.vmap(lambda v: jnp.ones_like(w) @ v)(x))
+    out = f(x)
+    r = jlrp.lrp(f, rules.flat(1e-12))(x, relevance=out)
+    ones = jnp.ones_like(x)
+    m = jax.jacobian(f_ones)(ones).reshape(out.size, x.size)
+    expected = (m.T @ (out.reshape(-1) / (m @ ones.reshape(-1)))).reshape(x.shape)
+    np.testing.assert_allclose(r, expected, rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(jax.jit(jlrp.lrp(f, rules.flat(1e-12)))(x, relevance=out), r, rtol=1e-12)

@@ -24,8 +24,10 @@ Everything else on the relevance path is structural (its ordinary VJP routes rel
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+import types
+from typing import Any, Callable
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -480,6 +482,24 @@ def _ids_in_body(prim: str) -> NotImplementedError:
         f"explained token ids are embedded inside a {prim} body; their relevance would be read at an embedding "
         f"jlrp cannot see from outside the loop. Embed before the loop (e.g. vectors = emb[ids], then scan "
         f"over the vectors) or explain the embedded vectors instead of the ids.")
+
+
+def weight_unit_axes(op: Callable, x, w) -> tuple[int, ...] | None:
+    """Axes of the weight that index output units (conv: output features, when the explained input is the
+    convolved one; dense: the weight's non-contracted axes), read from the linear primitive at the head of
+    ``op(x, w)``; None when there is none (e.g. the weight is the convolved input)."""
+    spec = lambda a: jax.ShapeDtypeStruct(jnp.shape(a), jnp.result_type(a))
+    jaxpr = jax.make_jaxpr(op)(spec(x), spec(w)).jaxpr
+    w_var = jaxpr.invars[1]
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name in ("dot_general", "conv_general_dilated"):
+            pos_w = next((k for k, v in enumerate(eqn.invars) if v is w_var), None)
+            if pos_w is None:
+                continue
+            head = types.SimpleNamespace(prim=eqn.primitive, params=eqn.params)
+            fold = fold_axes(head, 1 - pos_w, jnp.ndim(w), len(eqn.outvars[0].aval.shape))
+            return tuple(sorted(set(fold.values()))) or None if fold is not None else None
+    return None
 
 
 def fold_axes(head: Node, active_pos: int, w_ndim: int, out_ndim: int) -> dict[int, int] | None:

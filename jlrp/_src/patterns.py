@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import types
 from typing import Any, Callable, Iterable, Literal, Sequence
 
 import jax
@@ -28,7 +27,7 @@ from . import rules
 from .api import _explain, transform
 from .composites import Composite
 from .interpreter import TAP
-from .layers import LayerInfo, fold_axes
+from .layers import LayerInfo, weight_unit_axes
 from .util import eval_shape_arrays, jit_arrays
 
 Kind = Literal["two_component", "linear"]
@@ -38,25 +37,6 @@ _STATS = {"linear": ("xy", "x"), "two_component": ("xy", "x", "xy+", "x+")}
 
 # --------------------------------------------------------------------------------------------------------
 # Layer geometry
-
-
-def _unit_axes(op: Callable, x, w) -> tuple[int, ...]:
-    """Axes of the weight that index output units (conv: output features; dense: the weight's non-contracted
-    axes). Read from the linear primitive at the head of ``op``."""
-    spec = lambda a: jax.ShapeDtypeStruct(jnp.shape(a), jnp.result_type(a))
-    jaxpr = jax.make_jaxpr(op)(spec(x), spec(w)).jaxpr
-    w_var = jaxpr.invars[1]
-    for eqn in jaxpr.eqns:
-        if eqn.primitive.name in ("dot_general", "conv_general_dilated"):
-            pos_w = next((k for k, v in enumerate(eqn.invars) if v is w_var), None)
-            if pos_w is None:
-                continue
-            head = types.SimpleNamespace(prim=eqn.primitive, params=eqn.params)
-            fold = fold_axes(head, 1 - pos_w, jnp.ndim(w), len(eqn.outvars[0].aval.shape))
-            if fold is not None:
-                return tuple(sorted(set(fold.values())))
-    raise NotImplementedError("patterns: cannot find the output-unit axes of this layer's weight (grouped "
-                              "batch convolutions and weights used as the convolved input are not supported)")
 
 
 def _contract(w, s, units: tuple[int, ...]):
@@ -219,7 +199,11 @@ def _moments(fn: Callable, args: tuple, batches: Iterable, argnums: int, kind: s
         out = {}
 
         def tap(info, x, op, w, bias, y):
-            units = _unit_axes(op, x, w)
+            units = weight_unit_axes(op, x, w)
+            if units is None:
+                raise NotImplementedError(
+                    "patterns: cannot find the output-unit axes of this layer's weight (grouped batch "
+                    "convolutions and weights used as the convolved input are not supported)")
             infos[info.index] = (info, units)
             n, m = _batch_moments(x, op, w, units, kind)
             out[info.index] = dict(m, n=jnp.asarray(n, _acc_dtype()), w=w.astype(_acc_dtype()))

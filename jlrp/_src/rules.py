@@ -22,6 +22,9 @@ from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
+
+from .layers import weight_unit_axes
 
 Array = jax.Array
 Modifier = Callable[[Array], Array]
@@ -234,22 +237,26 @@ def propagate(rule: Rule, op: Callable[..., Array], xs: Sequence[Array], weight:
 
 
 def _unit_axes(op, xs, weight, z) -> tuple[tuple[int, ...], tuple[int, ...]] | None:
-    """For a layer with one input and an array weight: the weight axes that index output units and the
-    output axes they become, found by shape evaluation (a weight axis is a unit axis when shrinking it to
-    1 shrinks exactly one output axis of the same size to 1: dense outputs, conv output features, not
-    contracted or kernel-window axes, not grouped convs). None when there are none or it is unclear."""
-    if len(xs) != 1 or not isinstance(weight, jax.Array):
+    """For a layer with one input and an array weight: the weight axes that index output units (from the
+    op's linear primitive: dense outputs, conv output features) and the output axes they become, matched
+    by shape evaluation (shrinking a unit axis to 1 must shrink exactly one output axis of its size to 1;
+    grouped convs reject it). None when there are none or it is unclear: the full computation is used."""
+    if len(xs) != 1 or not isinstance(weight, (jax.Array, np.ndarray)):
+        return None
+    candidates = weight_unit_axes(op, xs[0], weight)
+    if not candidates:
         return None
     x = jax.ShapeDtypeStruct(xs[0].shape, xs[0].dtype)
 
     def out_shape(w_shape):
         try:
             return jax.eval_shape(op, x, jax.ShapeDtypeStruct(w_shape, weight.dtype)).shape
-        except Exception:  # a shape the op rejects (contracted axis, grouped conv): not a unit axis
+        except Exception:  # a shape the op rejects (e.g. a grouped conv): no shortcut
             return None
 
     w_axes, out_axes = [], []
-    for a, n in enumerate(weight.shape):
+    for a in candidates:
+        n = weight.shape[a]
         shape = out_shape(weight.shape[:a] + (1,) + weight.shape[a + 1:])
         if n == 1 or shape is None or len(shape) != z.ndim:
             continue
