@@ -208,3 +208,8 @@ def test_default_order_is_the_call_order_output_first():
     res = E.parameter_randomization(lambda p, x: jlrp.gradient(lambda p, x: jax.nn.relu(x @ p["w1"]) @ p["w2"],
                                                                 argnums=1)(p, x, target=1), flat, x, key=jax.random.key(6))
     assert res["modules"] == [""]
+
+
+def test_no_module_to_randomise_is_an_error():
+    with pytest.raises(ValueError, match="no module to randomise"):
+        E.parameter_randomization(lambda p, x: x, {"steps": jnp.array(3)}, jnp.ones((2, 3)), jax.random.key(0))

@@ -80,12 +80,12 @@ def randomize(params: Any, modules: str | Sequence[str], key: Array) -> Any:
     return jax.tree_util.tree_unflatten(treedef, out)
 
 
-def _call_order(explain: Callable, params: Any, x: Array) -> list[str]:
-    """Modules in the order the explanation's forward pass combines their parameters with the input: the
-    order in which the model calls its layers. Found on the flattened jaxpr (through jit and custom_vjp
-    calls) by following which values derive from which parameters; work on parameters alone (folding
-    BatchNorm, casting) does not count, as it may be hoisted. Modules never combined with the input follow
-    in flattening order."""
+def _default_order(explain: Callable, params: Any, x: Array) -> list[str]:
+    """Modules output first: those the explanation's forward pass combines with the input, in the reverse
+    of the order it does so (the order in which the model calls its layers), then the modules it never
+    combines with the input, in reverse flattening order. Found on the flattened jaxpr (through jit and
+    custom_vjp calls) by following which values derive from which parameters; work on parameters alone
+    (folding BatchNorm, casting) does not count, as it may be hoisted."""
     leaves, treedef = jax.tree_util.tree_flatten_with_path(params)
     arrays = [k for k, (_, leaf) in enumerate(leaves) if is_array(leaf)]
 
@@ -109,8 +109,8 @@ def _call_order(explain: Callable, params: Any, x: Array) -> list[str]:
                 first.setdefault(name, n)
         elif names:
             from_params.update((v, names) for v in node.outputs)
-    used = sorted(first, key=first.get)
-    return used + [m for m in _modules(params) if m not in first]
+    used = sorted(first, key=first.get, reverse=True)
+    return used + [m for m in reversed(_modules(params)) if m not in first]
 
 
 def parameter_randomization(explain: Callable[[Any, Array], Array], params: Any, x: Array, key: Array, *,
@@ -125,10 +125,10 @@ def parameter_randomization(explain: Callable[[Any, Array], Array], params: Any,
       params: the trained parameters (any pytree: linen variables, an NNX state, a dict).
       x: a batch of inputs.
       key: PRNG key for the random parameters.
-      order: module names to randomise, first to last (default: every module the explanation reads, the
-        output layer first: the reverse of the order in which the forward pass first uses their
-        parameters). A module is a parameter's path without the leaf's name and without collection names
-        (``Dense_0``, ``block/Dense_1``, ``layers/2``; ``''`` for a flat dict's leaves).
+      order: module names to randomise, first to last (default: the modules the explanation's forward
+        pass combines with the input, output layer first, i.e. the reverse of the model's call order;
+        then any others). A module is a parameter's path without the leaf's name and without collection
+        names (``Dense_0``, ``block/Dense_1``, ``layers/2``; ``''`` for a flat dict's leaves).
       cascade: randomise cumulatively (the output module, then also the next, ...) or one at a time.
       skip: a regex of modules to leave out of the default order.
 
@@ -138,11 +138,14 @@ def parameter_randomization(explain: Callable[[Any, Array], Array], params: Any,
       model's. High values after the whole model is randomised flag an explanation as an artifact; for a
       faithful method they fall towards 0 as randomisation proceeds.
     """
-    names = list(order) if order is not None else [m for m in reversed(_call_order(explain, params, x))
+    names = list(order) if order is not None else [m for m in _default_order(explain, params, x)
                                                    if not (skip and re.search(skip, m))]
     unknown = sorted(set(names) - set(_modules(params)))
     if unknown:
         raise ValueError(f"unknown modules {unknown}; the parameters have {_modules(params)}")
+    if not names:
+        raise ValueError("parameter_randomization: no module to randomise (the parameters have no "
+                         "floating-point arrays, or `skip` / `order` left none)")
     explain = jit_arrays(explain)
     reference = explain(params, x)
     signed, absolute = [], []
