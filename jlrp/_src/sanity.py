@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import jax.scipy.stats
 
 from .graph import Lit, flatten
-from .util import is_array, jit_arrays
+from .util import is_array, jit_arrays, partition
 
 Array = jax.Array
 
@@ -86,19 +86,12 @@ def _default_order(explain: Callable, params: Any, x: Array) -> list[str]:
     combines with the input, in reverse flattening order. Found on the flattened jaxpr (through jit and
     custom_vjp calls) by following which values derive from which parameters; work on parameters alone
     (folding BatchNorm, casting) does not count, as it may be hoisted."""
-    leaves, treedef = jax.tree_util.tree_flatten_with_path(params)
-    arrays = [k for k, (_, leaf) in enumerate(leaves) if is_array(leaf)]
-
-    def f(values, x):
-        full = [leaf for _, leaf in leaves]
-        for k, v in zip(arrays, values):
-            full[k] = v
-        return explain(jax.tree_util.tree_unflatten(treedef, full), x)
-
-    graph = flatten(jax.make_jaxpr(f)([leaves[k][1] for k in arrays], x))
-    from_params = {v: frozenset([_module(leaves[k][0])]) for k, v in zip(arrays, graph.inputs)
-                   if _is_float_array(leaves[k][1])}
-    from_input = set(graph.inputs[len(arrays):])
+    values, rebuild, _ = partition(params)
+    paths = [path for path, leaf in jax.tree_util.tree_leaves_with_path(params) if is_array(leaf)]  # same order
+    graph = flatten(jax.make_jaxpr(lambda values, x: explain(rebuild(values), x))(values, x))
+    from_params = {v: frozenset([_module(path)]) for path, leaf, v in zip(paths, values, graph.inputs)
+                   if _is_float_array(leaf)}
+    from_input = set(graph.inputs[len(values):])
     first: dict[str, int] = {}
     for n, node in enumerate(graph.nodes):
         ids = [v for v in node.inputs if not isinstance(v, Lit)]
