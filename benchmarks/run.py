@@ -1,6 +1,9 @@
 """Benchmark jlrp against the forward pass and ``jax.grad`` on the same model and batch.
 
-    python benchmarks/run.py [--quick] [--full] [--out benchmarks/results.md]
+    python benchmarks/run.py [--quick] [--full] [--out DIR]
+
+Results (``results[-quick|-full].md`` and ``.json``) go to ``--out``, a folder outside the repository (default
+``$XDG_CACHE_HOME/jlrp/benchmarks``, else ``/tmp/jlrp-benchmarks``): a run never changes tracked files.
 
 For every (model, batch): jit, lower and compile each method (compile time = trace + lower + compile), read the
 executable's memory (temp + output bytes) and FLOPs, run once to warm up, then take the median of ``--runs``
@@ -16,6 +19,7 @@ import os
 import platform
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -185,7 +189,25 @@ def tables(rows: list[Row]) -> str:
     return "\n".join(out + ([""] + notes if notes else []))
 
 
-def main() -> None:
+REPOSITORY = Path(__file__).resolve().parent.parent
+
+
+def default_out() -> Path:
+    """``$XDG_CACHE_HOME/jlrp/benchmarks`` if XDG_CACHE_HOME is set, else ``<tmp>/jlrp-benchmarks``."""
+    cache = os.environ.get("XDG_CACHE_HOME")
+    return Path(cache) / "jlrp" / "benchmarks" if cache else Path(tempfile.gettempdir()) / "jlrp-benchmarks"
+
+
+def output_dir(out: str | os.PathLike | None) -> Path:
+    """The results folder: ``out`` or :func:`default_out`; refused inside the repository (tracked files)."""
+    folder = (Path(out).expanduser() if out else default_out()).resolve()
+    if folder == REPOSITORY or REPOSITORY in folder.parents:
+        raise SystemExit(f"--out {folder} is inside the repository ({REPOSITORY}): benchmark results are run "
+                         f"output, write them elsewhere (default {default_out()})")
+    return folder
+
+
+def main(argv: list[str] | None = None) -> Path:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="MLP, VGG-16 64x64 and transformer at batch 8 and 32")
     p.add_argument("--full", action="store_true", help="also ResNet-18 and VGG-16 at 224x224, batch 32")
@@ -193,12 +215,13 @@ def main() -> None:
     p.add_argument("--only", default="", help="comma-separated model names to keep (e.g. mlp,vgg16-64)")
     p.add_argument("--budget", type=float, default=None,
                    help="seconds; configurations not started within it are skipped (default: none)")
-    p.add_argument("--out", default=None, help="markdown output (default benchmarks/results[-quick].md)")
-    a = p.parse_args()
+    p.add_argument("--out", default=None, help=f"results folder outside the repository (default {default_out()})")
+    a = p.parse_args(argv)
     configs = QUICK if a.quick else DEFAULT + (FULL_ONLY if a.full else [])
     if a.only:
         configs = [c for c in configs if c[0] in a.only.split(",")]
-    out = Path(a.out or Path(__file__).parent / ("results-quick.md" if a.quick else "results.md"))
+    folder = output_dir(a.out)
+    out = folder / ("results-quick.md" if a.quick else "results-full.md" if a.full else "results.md")
 
     start, load0 = time.perf_counter(), _load()
     rows: list[Row] = []
@@ -242,9 +265,12 @@ def main() -> None:
         f"output bytes from `compiled.memory_analysis()`; GFLOP from `compiled.cost_analysis()`.", "",
         tables(rows), "",
         ("Skipped: " + "; ".join(skipped) + ".") if skipped else "", ""])
+    folder.mkdir(parents=True, exist_ok=True)
     out.write_text(text)
     out.with_suffix(".json").write_text(json.dumps([dataclasses.asdict(r) for r in rows], indent=1))
     print(text)
+    print(f"written: {out} and {out.with_suffix('.json').name}", file=sys.stderr)
+    return out
 
 
 if __name__ == "__main__":
