@@ -126,7 +126,7 @@ def test_batchnorm_before_a_conv_is_an_affine_layer():
     report = jlrp.report(model.apply, rules.zero(1e-12), argnums=1)(v, x, target=0)
     assert [l.info.kind for l in report.layers][:2] == ["affine", "activation"]
     grad = jax.grad(lambda x: model.apply(v, x)[:, 0].sum())(x)
-    np.testing.assert_allclose(report.relevance, x * grad, rtol=1e-4, atol=1e-7)  # float32 parameters
+    np.testing.assert_allclose(report.relevance, x * grad, rtol=1e-4, atol=5e-5)  # float32 parameters
     absorbed = sum(float(l.absorbed) for l in report.layers)
     assert abs(float(jnp.sum(report.initial)) - float(jnp.sum(report.relevance)) - absorbed) < 1e-6
 

@@ -13,7 +13,7 @@ from . import rules
 from .composites import Composite, as_composite, gradient_composite
 from .interpreter import Tracer, constant_inits, control_outputs, dynamic_leaves, run
 from .graph import Lit
-from .layers import LayerInfo
+from .layers import LayerInfo, Probes
 from .util import is_array
 from .targets import initial_relevance, target_mask, warn_if_ambiguous
 
@@ -112,7 +112,7 @@ class _Transformed:
         return self.tracer(args).plan(args, kwargs)
 
     @staticmethod
-    def run(planned, args: tuple, probes: dict | None = None, tap=None):
+    def run(planned, args: tuple, probes: Probes | None = None, tap=None):
         """Evaluate a plan from :meth:`plan` on ``args`` (any values with the avals it was traced for);
         ``tap`` see :func:`~jlrp._src.interpreter.run`."""
         plan, out_tree = planned
@@ -203,10 +203,9 @@ def _explain(transformed: "_Transformed", args: tuple, kwargs: dict, target, rel
     planned = transformed.plan(args, kwargs)
     plan = planned[0]
     nums = _normalise(args, transformed.argnums)
-    probes = {f"root{k}": jnp.zeros(plan.graph.avals[v].shape, plan.graph.avals[v].dtype)
-              for k, v in enumerate(plan.roots)}
-    if report:
-        probes.update(_layer_probes(plan))
+    probes = _layer_probes(plan) if report else Probes()
+    probes.roots = {k: jnp.zeros(plan.graph.avals[v].shape, plan.graph.avals[v].dtype)
+                    for k, v in enumerate(plan.roots)}
 
     def f(xs, probes):  # the explained arguments are replaced by values of the same avals: same plan
         return transformed.run(planned, _replace(args, nums, xs), probes)
@@ -219,7 +218,7 @@ def _explain(transformed: "_Transformed", args: tuple, kwargs: dict, target, rel
     else:
         r0 = initial_relevance(_single_output(out), target, relevance)
     r_in, probe_ct = pullback(r0)
-    roots = [probe_ct[f"root{k}"] for k in range(len(plan.roots))]
+    roots = [probe_ct.roots[k] for k in range(len(plan.roots))]
 
     def fix(x, r):  # integer leaves: relevance of token ids, read at the embedding outputs
         return _token_relevance(x, roots) if jnp.issubdtype(jnp.result_type(x), jnp.integer) else r
@@ -231,12 +230,12 @@ def _explain(transformed: "_Transformed", args: tuple, kwargs: dict, target, rel
     return Report(r_in, out, r0, _layer_rows(plan, probe_ct))
 
 
-def _layer_probes(plan, steps: tuple[int, ...] = ()) -> dict:
+def _layer_probes(plan, steps: tuple[int, ...] = ()) -> Probes:
     """Zero probes for every layer of ``plan`` and, recursively, of its control-flow bodies; inside a scan
     they get the scan's length as a leading axis (one probe per step). A control-flow layer gets one probe
     per explained output, and a scan one per constant initial carry that its body makes explained (the
     relevance reaching that constant is absorbed, like a bias's)."""
-    probes: dict[str, Any] = {}
+    probes = Probes()
     def zeros(v):  # a value id or a literal operand
         aval = jax.typeof(v.val) if isinstance(v, Lit) else plan.graph.avals[v]
         return jnp.zeros(steps + aval.shape, aval.dtype)
@@ -245,27 +244,27 @@ def _layer_probes(plan, steps: tuple[int, ...] = ()) -> dict:
         dtype = plan.graph.avals[l.output].dtype
         absorbed = jnp.zeros(steps, jnp.promote_types(dtype, jnp.float32))
         if not l.body:
-            probes[f"layer{l.info.index}"] = (zeros(l.output), absorbed)
+            probes.layers[l.info.index] = (zeros(l.output), absorbed)
             continue
         node = plan.graph.nodes[l.nodes[0]]
-        probes[f"layer{l.info.index}"] = (tuple(zeros(v) for v in control_outputs(plan, node)), absorbed)
-        probes[f"init{l.info.index}"] = {k: zeros(node.inputs[k]) for k in constant_inits(plan, l, node)}
+        probes.layers[l.info.index] = (tuple(zeros(v) for v in control_outputs(plan, node)), absorbed)
+        probes.inits[l.info.index] = {k: zeros(node.inputs[k]) for k in constant_inits(plan, l, node)}
         inner = steps + ((node.params["length"],) if node.prim.name == "scan" else ())
-        probes[f"body{l.info.index}"] = [_layer_probes(b, inner) for b in l.body]
+        probes.bodies[l.info.index] = [_layer_probes(b, inner) for b in l.body]
     return probes
 
 
-def _layer_rows(plan, cts: dict) -> list["LayerRelevance"]:
+def _layer_rows(plan, cts: Probes) -> list["LayerRelevance"]:
     """The report's rows from the probes' cotangents; a control-flow layer absorbs what its bodies do and
     what reaches its constant initial carries."""
     rows = []
     for l in plan.layers:
-        r_out, absorbed = cts[f"layer{l.info.index}"]
+        r_out, absorbed = cts.layers[l.info.index]
         if not l.body:
             rows.append(LayerRelevance(r_out, jnp.sum(r_out), jnp.sum(absorbed), [], l.info, repr(l.rule)))
             continue
-        body = [_layer_rows(b, c) for b, c in zip(l.body, cts[f"body{l.info.index}"])]
-        lost = [jnp.sum(ct) for ct in cts[f"init{l.info.index}"].values()]
+        body = [_layer_rows(b, c) for b, c in zip(l.body, cts.bodies[l.info.index])]
+        lost = [jnp.sum(ct) for ct in cts.inits[l.info.index].values()]
         absorbed = sum([r.absorbed for rows_ in body for r in rows_] + lost, jnp.zeros((), absorbed.dtype))
         total = sum((jnp.sum(r) for r in r_out), jnp.zeros((), absorbed.dtype))
         rows.append(LayerRelevance(tuple(r_out), total, absorbed, body, l.info, "body"))

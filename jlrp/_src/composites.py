@@ -141,19 +141,31 @@ def epsilon_plus(epsilon: float = 1e-6, stabilizer: float = 1e-6) -> Composite:
     return Composite([("dense", rules.epsilon(epsilon)), ("conv", rules.zplus(stabilizer))], "epsilon_plus")
 
 
+def _preprocessing(layer: LayerInfo) -> bool:
+    """An affine map the input meets before any dense/conv layer (a normalisation inside the model)."""
+    return layer.kind == "affine" and layer.preceding_linear == 0
+
+
+#: Presets with an input-independent or bounded first-layer rule (flat, z^B) pass relevance through input
+#: preprocessing unchanged: dividing by a normalised input near 0 would undo what those rules are for.
+_PASS_PREPROCESSING = (_preprocessing, rules.pass_())
+
+
 def epsilon_plus_flat(epsilon: float = 1e-6, stabilizer: float = 1e-6) -> Composite:
-    """EpsilonPlus with the flat rule on the first dense-or-conv layer (Zennit's EpsilonPlusFlat)."""
-    return Composite([*epsilon_plus(epsilon, stabilizer).entries, ("first", rules.flat(stabilizer))],
-                     "epsilon_plus_flat")
+    """EpsilonPlus with the flat rule on the first dense-or-conv layer (Zennit's EpsilonPlusFlat); input
+    preprocessing inside the model (an affine normalisation before the first layer) passes relevance."""
+    return Composite([*epsilon_plus(epsilon, stabilizer).entries, ("first", rules.flat(stabilizer)),
+                      _PASS_PREPROCESSING], "epsilon_plus_flat")
 
 
 def epsilon_gamma_box(low, high, epsilon: float = 1e-6, gamma: float = 0.25,
                       stabilizer: float = 1e-6) -> Composite:
     """z^B on the first conv layer (inputs bounded by [low, high]), gamma on other convs, epsilon on dense
-    (Zennit's EpsilonGammaBox)."""
+    (Zennit's EpsilonGammaBox); input preprocessing inside the model passes relevance (the bounds are those of
+    the first conv's input)."""
     return Composite([("dense", rules.epsilon(epsilon)), ("conv", rules.gamma(gamma, stabilizer)),
                       (lambda layer: layer.kind == "conv" and layer.conv_index == 0,
-                       rules.zbox(low, high, stabilizer))], "epsilon_gamma_box")
+                       rules.zbox(low, high, stabilizer)), _PASS_PREPROCESSING], "epsilon_gamma_box")
 
 
 def epsilon_alpha2_beta1(epsilon: float = 1e-6, stabilizer: float = 1e-6) -> Composite:
@@ -164,8 +176,8 @@ def epsilon_alpha2_beta1(epsilon: float = 1e-6, stabilizer: float = 1e-6) -> Com
 
 def epsilon_alpha2_beta1_flat(epsilon: float = 1e-6, stabilizer: float = 1e-6) -> Composite:
     """EpsilonAlpha2Beta1 with flat on the first dense-or-conv layer (Zennit's EpsilonAlpha2Beta1Flat)."""
-    return Composite([*epsilon_alpha2_beta1(epsilon, stabilizer).entries, ("first", rules.flat(stabilizer))],
-                     "epsilon_alpha2_beta1_flat")
+    return Composite([*epsilon_alpha2_beta1(epsilon, stabilizer).entries, ("first", rules.flat(stabilizer)),
+                      _PASS_PREPROCESSING], "epsilon_alpha2_beta1_flat")
 
 
 def preset_a(epsilon: float = 0.1, stabilizer: float = 1e-6) -> Composite:

@@ -18,7 +18,7 @@ import numpy as np
 from . import primitives as K
 from .analysis import REGISTRY, _Analysis
 from .graph import Graph, Lit, flatten
-from .layers import Layer, Plan
+from .layers import Layer, Plan, Probes
 from .util import is_array
 
 # -------------------------------------------------------------------------------------------------------
@@ -97,6 +97,7 @@ class _Position:
     enclosing scans: ``base + sum(step_k * stride_k)``."""
     linear: int | None
     conv: int | None
+    before: int  # dense/conv layers met before this one (at step 0)
     strides: tuple[tuple[int, int], ...]  # per enclosing scan: (linear stride, conv stride)
     lengths: tuple[int, ...]
 
@@ -125,7 +126,7 @@ def _positions(plan: Plan, n: int, c: int, strides=(), lengths=(), out=None) -> 
     for layer in plan.layers:
         if layer.body is None:
             lin, conv = layer.kind in ("dense", "conv"), layer.kind == "conv"
-            out[id(layer)] = _Position(n if lin else None, c if conv else None, strides, lengths)
+            out[id(layer)] = _Position(n if lin else None, c if conv else None, n, strides, lengths)
             n, c = n + lin, c + conv
             continue
         per = [_count(b) for b in layer.body]
@@ -139,7 +140,7 @@ def _positions(plan: Plan, n: int, c: int, strides=(), lengths=(), out=None) -> 
             for b in layer.body:
                 _positions(b, n, c, strides, lengths, out)
             n, c = n + step[0], c + step[1]
-        out[id(layer)] = _Position(None, None, strides, lengths)
+        out[id(layer)] = _Position(None, None, n, strides, lengths)
     return out
 
 
@@ -158,8 +159,9 @@ def assign_rules(plan: Plan, composite) -> Plan:
             for steps in itertools.product(*(range(n) for n in pos.lengths)):
                 lin = None if pos.linear is None else pos.linear + sum(s * st[0] for s, st in zip(steps, pos.strides))
                 conv = None if pos.conv is None else pos.conv + sum(s * st[1] for s, st in zip(steps, pos.strides))
+                before = pos.before + sum(s * st[0] for s, st in zip(steps, pos.strides))
                 info = dataclasses.replace(layer.info, linear_index=lin, conv_index=conv, num_linear=num_linear,
-                                           step=steps)
+                                           step=steps, preceding_linear=before)
                 first = first or info
                 rules_by_step.append(composite.resolve(info))
             distinct = list(dict.fromkeys(rules_by_step))
@@ -338,10 +340,10 @@ def _emit(graph: Graph, layer: Layer, xs, consts, probe, steps, tap):
 def _control_flow(layer: Layer, node, vals: list, probes: list | None, steps: tuple, tap) -> list:
     """Run scan / cond with their bodies rewritten (each body is an analysed plan of its own).
 
-    ``probes``: one probe dict per body (see :func:`run`) or None; a scan's are stacked over its steps
+    ``probes``: one :class:`Probes` per body or None; a scan's are stacked over its steps
     and sliced like its ``xs``, so their cotangents come back per step. Inside a scan the step (in execution
     order) is threaded to the body's layers, for rules that differ per step."""
-    probes = probes or [None] * len(layer.body)
+    probes = probes or [Probes() for _ in layer.body]
     if node.prim is K.SCAN:
         p = node.params
         nc, ncar, length = p["num_consts"], p["num_carry"], p["length"]
@@ -382,22 +384,18 @@ def constant_inits(plan: Plan, layer: Layer, node) -> list[int]:
             if layer.flags[k] and (isinstance(node.inputs[k], Lit) or node.inputs[k] not in plan.active)]
 
 
-def run(plan: Plan, flat_args: list, probes: dict | None = None, steps: tuple = (), tap=None) -> list:
+def run(plan: Plan, flat_args: list, probes: Probes | None = None, steps: tuple = (), tap=None) -> list:
     """Evaluate the plan's graph on ``flat_args``; layers carry their rules in the VJP.
 
-    ``probes`` maps ``f"layer{index}"`` to zero arrays ``(like output, scalar)`` whose cotangents become
-    that layer's relevance and absorbed share (the conservation report; a control-flow layer's probes,
-    one per explained output, are added to its outputs), ``f"body{index}"`` to a list of such dicts, one
-    per body of a control-flow layer, ``f"init{index}"`` to ``{operand position: zeros}`` added to a
-    scan's constant initial carries, and ``f"root{k}"`` to a zero array added to the k-th embedding root
-    (relevance of explained token ids is read there). ``tap(info, x, view, out)``, if given, is called
+    ``probes`` (:class:`~.layers.Probes`): zero arrays whose cotangents become each layer's relevance and
+    absorbed share (the report). ``tap(info, x, view, out)``, if given, is called
     for every top-level dense/conv layer with its input, canonical view and output (PatternNet).
 
     A ``jax.jit`` block of the model runs as one jitted program again (its explained part), so that the
     forward values equal the model's to the last bit also when it is called eagerly.
     """
     g = plan.graph
-    probes = probes or {}
+    probes = probes or Probes()
     env: dict[int, Any] = dict(zip(g.inputs, flat_args))
     env.update(g.consts)
     read = lambda a: a.val if isinstance(a, Lit) else env[a]
@@ -478,12 +476,12 @@ def _evaluate(state, i: int, env: dict, internal: dict) -> None:
         env.update(zip(node.outputs, outs))
     elif layer is not None and layer.body is not None:
         vals = [read(a) for a in node.inputs]
-        for k, probe in probes.get(f"init{layer.info.index}", {}).items():
+        index = layer.info.index
+        for k, probe in probes.inits.get(index, {}).items():
             vals[k] = vals[k] + probe  # a constant initial carry that the body explains
-        env.update(zip(node.outputs, _control_flow(layer, node, vals, probes.get(f"body{layer.info.index}"),
-                                                   steps, tap)))
-        if f"layer{layer.info.index}" in probes:
-            for v, probe in zip(control_outputs(plan, node), probes[f"layer{layer.info.index}"][0]):
+        env.update(zip(node.outputs, _control_flow(layer, node, vals, probes.bodies.get(index), steps, tap)))
+        if index in probes.layers:
+            for v, probe in zip(control_outputs(plan, node), probes.layers[index][0]):
                 env[v] = env[v] + probe
         return
     elif i in plan.skip and layer is None:
@@ -493,10 +491,10 @@ def _evaluate(state, i: int, env: dict, internal: dict) -> None:
     elif layer is None:
         env.update(zip(node.outputs, node.bind(*map(read, node.inputs))))
         for v in node.outputs:
-            if v in plan.roots and f"root{plan.roots.index(v)}" in probes:
-                env[v] = env[v] + probes[f"root{plan.roots.index(v)}"]
+            if v in plan.roots and plan.roots.index(v) in probes.roots:
+                env[v] = env[v] + probes.roots[plan.roots.index(v)]
     if layer is not None:
         # statistics an activation treats as constants (1/std, softmax's sum) must not carry relevance
         consts = [jax.lax.stop_gradient(env[v]) if v in plan.active else read(v) for v in layer.consts]
         env[layer.output] = _emit(g, layer, [env[v] for v in layer.inputs], consts,
-                                  probes.get(f"layer{layer.info.index}"), steps, tap)
+                                  probes.layers.get(layer.info.index), steps, tap)

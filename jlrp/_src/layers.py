@@ -22,6 +22,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+import jax
+
 from .graph import Graph
 
 
@@ -50,6 +52,8 @@ class LayerInfo:
       reason: why the analysis recognised the layer (shown by ``Report.table()``).
       relu_like: an activation that is exactly ``max(x, 0)``.
       step: inside scans, the step (per enclosing scan, in execution order) this info describes.
+      preceding_linear: how many dense/conv layers the input meets before this layer (0: input-side
+        preprocessing such as a normalisation inside the model).
     """
     index: int
     kind: str
@@ -66,6 +70,7 @@ class LayerInfo:
     reason: str = ""
     relu_like: bool = False
     step: tuple[int, ...] = ()
+    preceding_linear: int = 0
 
     @property
     def is_linear(self) -> bool:
@@ -152,3 +157,19 @@ class Plan:
         swap = {id(old): new for old, new in zip(self.layers, layers)}
         emit_at = {i: swap[id(l)] for i, l in self.emit_at.items()}
         return dataclasses.replace(self, layers=layers, emit_at=emit_at)
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class Probes:
+    """Zero arrays added along a plan's relevance path; their cotangents are the report.
+
+    ``layers[index]``: ``(like the output, absorbed scalar)`` for a layer (a control-flow layer: a tuple with
+    one array per explained output); ``bodies[index]``: one :class:`Probes` per body of a control-flow layer
+    (inside a scan stacked over its steps); ``inits[index]``: ``{operand position: zeros}`` for a scan's
+    constant initial carries that its body explains; ``roots[k]``: zeros added to the k-th embedding root
+    (the relevance of explained token ids is read there)."""
+    layers: dict = dataclasses.field(default_factory=dict)
+    bodies: dict = dataclasses.field(default_factory=dict)
+    inits: dict = dataclasses.field(default_factory=dict)
+    roots: dict = dataclasses.field(default_factory=dict)
