@@ -108,8 +108,9 @@ def test_resnet_conservation_with_bias_free_convs():
     np.testing.assert_allclose(r.reshape(2, -1).sum(1), out[:, 1], rtol=1e-8)
 
 
-def test_batchnorm_before_a_conv_keeps_conservation():
-    """DenseNet-style BN before its conv cannot be merged: it gets the pass rule (documented)."""
+def test_batchnorm_before_a_conv_is_an_affine_layer():
+    """DenseNet-style BN before its conv cannot be merged into a linear layer: it is an affine layer of its own
+    (epsilon rule over ``a * x + b``), so its shift absorbs like a bias and LRP-0 equals input x gradient."""
     class PreBN(nn.Module):
         @nn.compact
         def __call__(self, x):
@@ -123,8 +124,11 @@ def test_batchnorm_before_a_conv_keeps_conservation():
     v = {"params": v["params"], "batch_stats": {"BatchNorm_0": {"mean": jnp.array([0.3, -0.2]),
                                                                 "var": jnp.array([2.0, 0.5])}}}
     report = jlrp.report(model.apply, rules.zero(1e-12), argnums=1)(v, x, target=0)
-    np.testing.assert_allclose(report.relevance.reshape(2, -1).sum(1), model.apply(v, x)[:, 0], rtol=1e-8)
-    assert [l.info.kind for l in report.layers][0] == "activation"
+    assert [l.info.kind for l in report.layers][:2] == ["affine", "activation"]
+    grad = jax.grad(lambda x: model.apply(v, x)[:, 0].sum())(x)
+    np.testing.assert_allclose(report.relevance, x * grad, rtol=1e-4, atol=5e-5)  # float32 parameters
+    absorbed = sum(float(l.absorbed) for l in report.layers)
+    assert abs(float(jnp.sum(report.initial)) - float(jnp.sum(report.relevance)) - absorbed) < 1e-6
 
 
 # ------------------------------------------------------------------------------ transformers

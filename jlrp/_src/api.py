@@ -2,24 +2,67 @@
 from __future__ import annotations
 
 import dataclasses
+import inspect
 from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from . import rules
 from .composites import Composite, as_composite, gradient_composite
 from .interpreter import Tracer, constant_inits, control_outputs, dynamic_leaves, run
 from .graph import Lit
-from .layers import LayerInfo
+from .layers import LayerInfo, Probes
+from .util import is_array
 from .targets import initial_relevance, target_mask, warn_if_ambiguous
 
 
-def _argnums_tuple(argnums: int | Sequence[int]) -> tuple[int, ...]:
-    nums = (argnums,) if isinstance(argnums, int) else tuple(argnums)
-    if not nums or not all(isinstance(a, int) for a in nums):
-        raise ValueError(f"argnums must be an int or a non-empty sequence of ints, got {argnums!r}")
-    return nums
+def _is_int(a) -> bool:
+    return isinstance(a, (int, np.integer)) and not isinstance(a, bool)
+
+
+def _argnums_tuple(argnums: int | Sequence[int] | None) -> tuple[int, ...]:
+    if argnums is None:
+        return (0,)
+    if _is_int(argnums):
+        return (int(argnums),)
+    if not isinstance(argnums, (tuple, list)) or not argnums or not all(_is_int(a) for a in argnums):
+        raise TypeError(f"argnums must be an int or a non-empty tuple of ints (which positional arguments to "
+                        f"explain, like jax.grad's), got {argnums!r}")
+    if len(set(argnums)) != len(argnums):
+        raise ValueError(f"argnums {tuple(argnums)} names an argument twice; name each explained argument once")
+    return tuple(int(a) for a in argnums)
+
+
+def _check_fn(fn, name: str) -> None:
+    if not callable(fn):
+        raise TypeError(f"{name} explains a function (e.g. model.apply or a jitted model), got "
+                        f"{type(fn).__name__}")
+
+
+def _check_keywords(fn) -> None:
+    """``target`` and ``relevance`` are the explanation's keywords; a model taking them would lose them."""
+    try:
+        params = inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return
+    for word in ("target", "relevance"):
+        p = params.get(word)
+        if p is not None and p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD):
+            raise ValueError(f"the model has its own '{word}' parameter, but the explanation takes target= and "
+                             f"relevance= for itself; bind the model's value first, e.g. "
+                             f"functools.partial(model, {word}=...), or rename the parameter")
+
+
+def _check_default_argnums(args: tuple, name: str) -> None:
+    """Without argnums, argument 0 is explained; when that is a parameter pytree beside an array input, the
+    user almost surely forgot ``argnums`` (``model.apply(params, x)``)."""
+    first = jax.tree_util.tree_leaves(args[0]) if args else []
+    if len(args) > 1 and not is_array(args[0]) and first and any(is_array(a) for a in args[1:]):
+        raise ValueError(f"{name}: argnums was not given, so argument 0 (a {type(args[0]).__name__} of "
+                         f"{len(first)} arrays, e.g. parameters) would be explained. Pass argnums=1 to explain "
+                         f"the input of model.apply(params, x), or argnums=0 to explain argument 0 on purpose.")
 
 
 def _check_args(args: tuple, argnums: tuple[int, ...], name: str) -> None:
@@ -32,6 +75,10 @@ def _check_args(args: tuple, argnums: tuple[int, ...], name: str) -> None:
             dtype = jnp.result_type(leaf)
             if jnp.issubdtype(dtype, jnp.integer):
                 ints.append(jax.tree_util.keystr(path))
+            elif jnp.issubdtype(dtype, jnp.complexfloating):
+                raise ValueError(f"{name}: the explained argument {a}{jax.tree_util.keystr(path)} is complex "
+                                 f"({dtype}); relevance is defined for real inputs: explain the real and "
+                                 f"imaginary parts as two real arguments.")
             elif not jnp.issubdtype(dtype, jnp.inexact):
                 raise ValueError(f"{name}: the explained argument {a}{jax.tree_util.keystr(path)} has dtype "
                                  f"{dtype}; relevance needs floating-point inputs or integer token ids.")
@@ -47,8 +94,8 @@ def _normalise(args: tuple, argnums: tuple[int, ...]) -> tuple[int, ...]:
 class _Transformed:
     """``fn`` re-emitted with LRP rules in its VJP. Forward values are identical to ``fn``'s."""
 
-    def __init__(self, fn: Callable, composite: Composite, argnums: tuple[int, ...]):
-        self.fn, self.composite, self.argnums = fn, composite, argnums
+    def __init__(self, fn: Callable, composite: Composite, argnums: tuple[int, ...], explicit: bool = True):
+        self.fn, self.composite, self.argnums, self.explicit = fn, composite, argnums, explicit
         self._tracers: dict[tuple[int, ...], Tracer] = {}
 
     def tracer(self, args: tuple) -> Tracer:
@@ -59,26 +106,31 @@ class _Transformed:
 
     def plan(self, args: tuple, kwargs: dict):
         """Check the arguments; the (cached) analysed plan and the output's tree structure."""
+        if not self.explicit:
+            _check_default_argnums(args, "jlrp")
         _check_args(args, self.argnums, "jlrp")
         return self.tracer(args).plan(args, kwargs)
 
     @staticmethod
-    def run(planned, args: tuple, probes: dict | None = None):
-        """Evaluate a plan from :meth:`plan` on ``args`` (any values with the avals it was traced for)."""
+    def run(planned, args: tuple, probes: Probes | None = None, tap=None):
+        """Evaluate a plan from :meth:`plan` on ``args`` (any values with the avals it was traced for);
+        ``tap`` see :func:`~jlrp._src.interpreter.run`."""
         plan, out_tree = planned
-        return jax.tree_util.tree_unflatten(out_tree, run(plan, dynamic_leaves(plan, args), probes))
+        return jax.tree_util.tree_unflatten(out_tree, run(plan, dynamic_leaves(plan, args), probes, tap=tap))
 
     def __call__(self, *args, **kwargs):
         return self.run(self.plan(args, kwargs), args)
 
 
-def transform(fn: Callable, composite: Composite | Any = None, *, argnums: int | Sequence[int] = 0) -> Callable:
+def transform(fn: Callable, composite: Composite | Any = None, *,
+              argnums: int | Sequence[int] | None = None) -> Callable:
     """Return ``fn`` rewritten so that its VJP with respect to ``args[argnums]`` is LRP.
 
     The returned function computes exactly the same outputs as ``fn``; ``jax.vjp`` / ``jax.grad`` of it
     propagate relevance with the composite's rules. It composes with ``jax.jit``, ``jax.vmap`` and sharding.
     """
-    return _Transformed(fn, as_composite(composite), _argnums_tuple(argnums))
+    _check_fn(fn, "jlrp.transform")
+    return _Transformed(fn, as_composite(composite), _argnums_tuple(argnums), explicit=argnums is not None)
 
 
 def _replace(args: tuple, nums: tuple[int, ...], values: Sequence) -> tuple:
@@ -103,7 +155,7 @@ def vjp(fn: Callable, *primals, composite: Composite | Any = None,
     return out, pullback
 
 
-def lrp(fn: Callable, composite: Composite | Any = None, *, argnums: int | Sequence[int] = 0) -> Callable:
+def lrp(fn: Callable, composite: Composite | Any = None, *, argnums: int | Sequence[int] | None = None) -> Callable:
     """Return ``explain(*args, target=None, relevance=None, **kwargs)`` computing LRP relevance.
 
     Args:
@@ -111,6 +163,8 @@ def lrp(fn: Callable, composite: Composite | Any = None, *, argnums: int | Seque
       composite: a :class:`Composite`, a single rule (for every dense and conv layer), or None for
         :func:`jlrp.composites.epsilon_plus_flat`.
       argnums: which positional argument(s) to explain (like ``jax.grad``); e.g. 1 for ``apply(params, x)``.
+        Without it argument 0 is explained, except that a parameter pytree in position 0 beside an array
+        argument is refused (a forgotten ``argnums=1`` would silently explain the parameters).
 
     The returned function takes ``fn``'s arguments plus ``target`` (an int, an int array with one class per
     row, or None for the argmax) or ``relevance`` (a custom initial relevance with the output's shape), and
@@ -120,8 +174,10 @@ def lrp(fn: Callable, composite: Composite | Any = None, *, argnums: int | Seque
     Integer token ids can be explained directly: their relevance is read at the embedding output (the first
     floating-point values computed from the ids) and summed over the embedding axis, so it has the ids' shape.
     """
+    _check_fn(fn, "jlrp.lrp")
+    _check_keywords(fn)
     transformed = transform(fn, composite, argnums=argnums)
-    single = isinstance(argnums, int)
+    single = not isinstance(argnums, (tuple, list))
 
     def explain(*args, target: Any = None, relevance: Any = None, **kwargs):
         return _explain(transformed, args, kwargs, target, relevance, single, report=False)
@@ -147,10 +203,9 @@ def _explain(transformed: "_Transformed", args: tuple, kwargs: dict, target, rel
     planned = transformed.plan(args, kwargs)
     plan = planned[0]
     nums = _normalise(args, transformed.argnums)
-    probes = {f"root{k}": jnp.zeros(plan.graph.avals[v].shape, plan.graph.avals[v].dtype)
-              for k, v in enumerate(plan.roots)}
-    if report:
-        probes.update(_layer_probes(plan))
+    probes = _layer_probes(plan) if report else Probes()
+    probes.roots = {k: jnp.zeros(plan.graph.avals[v].shape, plan.graph.avals[v].dtype)
+                    for k, v in enumerate(plan.roots)}
 
     def f(xs, probes):  # the explained arguments are replaced by values of the same avals: same plan
         return transformed.run(planned, _replace(args, nums, xs), probes)
@@ -163,7 +218,7 @@ def _explain(transformed: "_Transformed", args: tuple, kwargs: dict, target, rel
     else:
         r0 = initial_relevance(_single_output(out), target, relevance)
     r_in, probe_ct = pullback(r0)
-    roots = [probe_ct[f"root{k}"] for k in range(len(plan.roots))]
+    roots = [probe_ct.roots[k] for k in range(len(plan.roots))]
 
     def fix(x, r):  # integer leaves: relevance of token ids, read at the embedding outputs
         return _token_relevance(x, roots) if jnp.issubdtype(jnp.result_type(x), jnp.integer) else r
@@ -175,12 +230,12 @@ def _explain(transformed: "_Transformed", args: tuple, kwargs: dict, target, rel
     return Report(r_in, out, r0, _layer_rows(plan, probe_ct))
 
 
-def _layer_probes(plan, steps: tuple[int, ...] = ()) -> dict:
+def _layer_probes(plan, steps: tuple[int, ...] = ()) -> Probes:
     """Zero probes for every layer of ``plan`` and, recursively, of its control-flow bodies; inside a scan
     they get the scan's length as a leading axis (one probe per step). A control-flow layer gets one probe
     per explained output, and a scan one per constant initial carry that its body makes explained (the
     relevance reaching that constant is absorbed, like a bias's)."""
-    probes: dict[str, Any] = {}
+    probes = Probes()
     def zeros(v):  # a value id or a literal operand
         aval = jax.typeof(v.val) if isinstance(v, Lit) else plan.graph.avals[v]
         return jnp.zeros(steps + aval.shape, aval.dtype)
@@ -189,27 +244,27 @@ def _layer_probes(plan, steps: tuple[int, ...] = ()) -> dict:
         dtype = plan.graph.avals[l.output].dtype
         absorbed = jnp.zeros(steps, jnp.promote_types(dtype, jnp.float32))
         if not l.body:
-            probes[f"layer{l.info.index}"] = (zeros(l.output), absorbed)
+            probes.layers[l.info.index] = (zeros(l.output), absorbed)
             continue
         node = plan.graph.nodes[l.nodes[0]]
-        probes[f"layer{l.info.index}"] = (tuple(zeros(v) for v in control_outputs(plan, node)), absorbed)
-        probes[f"init{l.info.index}"] = {k: zeros(node.inputs[k]) for k in constant_inits(plan, l, node)}
+        probes.layers[l.info.index] = (tuple(zeros(v) for v in control_outputs(plan, node)), absorbed)
+        probes.inits[l.info.index] = {k: zeros(node.inputs[k]) for k in constant_inits(plan, l, node)}
         inner = steps + ((node.params["length"],) if node.prim.name == "scan" else ())
-        probes[f"body{l.info.index}"] = [_layer_probes(b, inner) for b in l.body]
+        probes.bodies[l.info.index] = [_layer_probes(b, inner) for b in l.body]
     return probes
 
 
-def _layer_rows(plan, cts: dict) -> list["LayerRelevance"]:
+def _layer_rows(plan, cts: Probes) -> list["LayerRelevance"]:
     """The report's rows from the probes' cotangents; a control-flow layer absorbs what its bodies do and
     what reaches its constant initial carries."""
     rows = []
     for l in plan.layers:
-        r_out, absorbed = cts[f"layer{l.info.index}"]
+        r_out, absorbed = cts.layers[l.info.index]
         if not l.body:
             rows.append(LayerRelevance(r_out, jnp.sum(r_out), jnp.sum(absorbed), [], l.info, repr(l.rule)))
             continue
-        body = [_layer_rows(b, c) for b, c in zip(l.body, cts[f"body{l.info.index}"])]
-        lost = [jnp.sum(ct) for ct in cts[f"init{l.info.index}"].values()]
+        body = [_layer_rows(b, c) for b, c in zip(l.body, cts.bodies[l.info.index])]
+        lost = [jnp.sum(ct) for ct in cts.inits[l.info.index].values()]
         absorbed = sum([r.absorbed for rows_ in body for r in rows_] + lost, jnp.zeros((), absorbed.dtype))
         total = sum((jnp.sum(r) for r in r_out), jnp.zeros((), absorbed.dtype))
         rows.append(LayerRelevance(tuple(r_out), total, absorbed, body, l.info, "body"))
@@ -220,6 +275,9 @@ def _single_output(out):
     if not isinstance(out, jax.Array) and not hasattr(out, "shape"):
         raise ValueError(f"jlrp.lrp explains a function with one array output; got {type(out).__name__}. "
                          f"Wrap the model to return its logits, or use jlrp.vjp with your own cotangent.")
+    if not jnp.issubdtype(out.dtype, jnp.floating):
+        raise ValueError(f"the model output has dtype {out.dtype}; relevance starts from a real floating-point "
+                         f"output (logits, scores): return those instead of e.g. argmax class ids")
     return out
 
 
@@ -270,15 +328,18 @@ class Report:
         return "\n".join(lines)
 
 
-def report(fn: Callable, composite: Composite | Any = None, *, argnums: int | Sequence[int] = 0) -> Callable:
+def report(fn: Callable, composite: Composite | Any = None, *,
+           argnums: int | Sequence[int] | None = None) -> Callable:
     """Like :func:`lrp`, but returns a :class:`Report` with relevance at every layer's output and the share
     of relevance each layer absorbs (bias and stabilizer), computed from the rule's own denominators.
 
     With a conserving rule set, ``sum(R_out) - sum(R_in) == sum(layer.absorbed)``; activations, structural
     ops and max pooling conserve relevance. The report is a pytree: it works under ``jax.jit``/``jax.vmap``.
     """
+    _check_fn(fn, "jlrp.report")
+    _check_keywords(fn)
     transformed = transform(fn, composite, argnums=argnums)
-    single = isinstance(argnums, int)
+    single = not isinstance(argnums, (tuple, list))
 
     def explain(*args, target: Any = None, relevance: Any = None, **kwargs) -> Report:
         return _explain(transformed, args, kwargs, target, relevance, single, report=True)
@@ -288,9 +349,11 @@ def report(fn: Callable, composite: Composite | Any = None, *, argnums: int | Se
 
 
 def _modified_gradient(activation_rule, name: str, doc: str):
-    def method(fn: Callable, *, argnums: int | Sequence[int] = 0) -> Callable:
+    def method(fn: Callable, *, argnums: int | Sequence[int] | None = None) -> Callable:
+        _check_fn(fn, name)
+        _check_keywords(fn)
         transformed = transform(fn, gradient_composite(activation_rule, name), argnums=argnums)
-        single = isinstance(argnums, int)
+        single = not isinstance(argnums, (tuple, list))
 
         def explain(*args, target: Any = None, relevance: Any = None, **kwargs):
             return _explain(transformed, args, kwargs, target, relevance, single, report=False, seed="mask")
@@ -314,8 +377,11 @@ guided_backprop = _modified_gradient(rules.guided_backprop(), "guided_backprop",
                                      "forward relu mask AND only positive backward signal at every activation.")
 
 
-def register_rule(primitive: str, rule) -> None:
+def register_rule(primitive, rule) -> None:
     """Give every occurrence of ``primitive`` on the relevance path a rule (a layer of kind ``primitive``).
+
+    ``primitive`` is a primitive object (``jax.extend.core.Primitive``, e.g. ``jax.lax.sort_p``, or your own);
+    a name string also works and matches every primitive of that name.
 
     ``rule`` is any jlrp rule: a :class:`~jlrp.rules.Rule` (e.g. ``jlrp.rules.epsilon()`` for an op that is
     linear in its explained operands: relevance split in proportion to each operand's contribution),
@@ -327,7 +393,13 @@ def register_rule(primitive: str, rule) -> None:
 
     Pass ``rule=None`` to remove a registration. Registrations apply to functions traced afterwards.
     """
-    from .layers import REGISTRY
+    from .analysis import REGISTRY
+    from .composites import check_rule
+    from jax.extend.core import Primitive
+    if not isinstance(primitive, (Primitive, str)):
+        raise TypeError(f"register_rule takes a primitive object or its name, got {type(primitive).__name__}")
+    if rule is not None:
+        check_rule(rule, "register_rule's rule")
     if rule is None:
         REGISTRY.pop(primitive, None)
     else:

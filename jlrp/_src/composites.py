@@ -14,7 +14,8 @@ import re
 from typing import Callable, Sequence, Union
 
 from . import rules
-from .layers import REGISTRY, LayerInfo
+from .analysis import REGISTRY
+from .layers import LayerInfo
 
 Selector = Union[str, Callable[[LayerInfo], bool]]
 
@@ -22,6 +23,8 @@ Selector = Union[str, Callable[[LayerInfo], bool]]
 DEFAULTS = {
     "dense": rules.epsilon(),
     "conv": rules.epsilon(),
+    "affine": rules.epsilon(),
+    "route": rules.gradient(),
     "sum": rules.norm(),
     "add": rules.norm(),
     "product": rules.uniform(),
@@ -29,7 +32,12 @@ DEFAULTS = {
     "max": rules.gradient(),
 }
 
-_KINDS = {"dense", "conv", "sum", "add", "product", "activation", "max", "scan", "cond", "remat2"}
+_KINDS = {"dense", "conv", "affine", "sum", "add", "product", "route", "activation", "max", "scan", "cond",
+          "remat2"}
+
+
+def _registered_kinds() -> set[str]:
+    return {k if isinstance(k, str) else k.name for k in REGISTRY}
 
 
 def _match(selector: Selector, layer: LayerInfo) -> bool:
@@ -43,7 +51,7 @@ def _match(selector: Selector, layer: LayerInfo) -> bool:
         return layer.first
     if selector == "last":
         return layer.last
-    if selector in _KINDS or selector in REGISTRY:
+    if selector in _KINDS or selector in _registered_kinds():
         return layer.kind == selector
     raise ValueError(f"unknown layer selector {selector!r}: use one of {sorted(_KINDS)}, 'linear', 'first', "
                      f"'last', '*', jlrp.param_path(...), jlrp.module_path(...) or a callable on LayerInfo")
@@ -77,14 +85,19 @@ class Composite:
     name: str = "composite"
 
     def __init__(self, entries: Sequence[tuple[Selector, rules.AnyRule]], name: str = "composite"):
-        object.__setattr__(self, "entries", tuple((s, r) for s, r in entries))
+        try:
+            entries = tuple((s, r) for s, r in entries)
+        except (TypeError, ValueError):
+            raise TypeError(f"a Composite takes a sequence of (selector, rule) pairs, got {entries!r}") from None
+        object.__setattr__(self, "entries", entries)
         object.__setattr__(self, "name", name)
-        for selector, _ in self.entries:
+        for selector, rule in self.entries:
+            check_rule(rule, f"the rule for selector {selector!r}")
             if not callable(selector):
                 _match(selector, _PROBE)  # fail early on a misspelt kind
 
     def resolve(self, layer: LayerInfo) -> rules.AnyRule:
-        rule = REGISTRY.get(layer.kind) or DEFAULTS.get(layer.kind, rules.gradient())
+        rule = _registered_rule(layer.kind) or DEFAULTS.get(layer.kind, rules.gradient())
         for selector, candidate in self.entries:
             if _match(selector, layer):
                 rule = candidate
@@ -97,13 +110,25 @@ class Composite:
 _PROBE = LayerInfo(0, "dense", "dot_general", "", (), 0, 1, (), ())
 
 
+def _registered_rule(kind: str):
+    return next((r for k, r in REGISTRY.items() if (k if isinstance(k, str) else k.name) == kind), None)
+
+
+def check_rule(rule, what: str) -> None:
+    """Raise a TypeError unless ``rule`` is a jlrp rule (a float or a string would otherwise run silently as
+    something else)."""
+    if not isinstance(rule, rules.RuleBase):
+        raise TypeError(f"{what} must be a jlrp rule (e.g. jlrp.rules.epsilon(), jlrp.rules.zplus(), "
+                        f"jlrp.rules.gradient()), got {type(rule).__name__} {rule!r}")
+
+
 def as_composite(composite) -> Composite:
     """Accept a Composite, a single rule (applied to every dense and conv layer), or None (the default)."""
     if composite is None:
         return epsilon_plus_flat()
     if isinstance(composite, Composite):
         return composite
-    if isinstance(composite, (rules.Rule, rules.Native, rules.Pass, rules.Custom, rules.Product, rules.Substitute)):
+    if isinstance(composite, rules.RuleBase):
         return Composite([("linear", composite)], name=repr(composite))
     raise TypeError(f"composite must be a jlrp Composite, a rule or None, got {type(composite).__name__}")
 
@@ -116,19 +141,31 @@ def epsilon_plus(epsilon: float = 1e-6, stabilizer: float = 1e-6) -> Composite:
     return Composite([("dense", rules.epsilon(epsilon)), ("conv", rules.zplus(stabilizer))], "epsilon_plus")
 
 
+def _preprocessing(layer: LayerInfo) -> bool:
+    """An affine map the input meets before any dense/conv layer (a normalisation inside the model)."""
+    return layer.kind == "affine" and layer.preceding_linear == 0
+
+
+#: Presets with an input-independent or bounded first-layer rule (flat, z^B) pass relevance through input
+#: preprocessing unchanged: dividing by a normalised input near 0 would undo what those rules are for.
+_PASS_PREPROCESSING = (_preprocessing, rules.pass_())
+
+
 def epsilon_plus_flat(epsilon: float = 1e-6, stabilizer: float = 1e-6) -> Composite:
-    """EpsilonPlus with the flat rule on the first dense-or-conv layer (Zennit's EpsilonPlusFlat)."""
-    return Composite([*epsilon_plus(epsilon, stabilizer).entries, ("first", rules.flat(stabilizer))],
-                     "epsilon_plus_flat")
+    """EpsilonPlus with the flat rule on the first dense-or-conv layer (Zennit's EpsilonPlusFlat); input
+    preprocessing inside the model (an affine normalisation before the first layer) passes relevance."""
+    return Composite([*epsilon_plus(epsilon, stabilizer).entries, ("first", rules.flat(stabilizer)),
+                      _PASS_PREPROCESSING], "epsilon_plus_flat")
 
 
 def epsilon_gamma_box(low, high, epsilon: float = 1e-6, gamma: float = 0.25,
                       stabilizer: float = 1e-6) -> Composite:
     """z^B on the first conv layer (inputs bounded by [low, high]), gamma on other convs, epsilon on dense
-    (Zennit's EpsilonGammaBox)."""
+    (Zennit's EpsilonGammaBox); input preprocessing inside the model passes relevance (the bounds are those of
+    the first conv's input)."""
     return Composite([("dense", rules.epsilon(epsilon)), ("conv", rules.gamma(gamma, stabilizer)),
                       (lambda layer: layer.kind == "conv" and layer.conv_index == 0,
-                       rules.zbox(low, high, stabilizer))], "epsilon_gamma_box")
+                       rules.zbox(low, high, stabilizer)), _PASS_PREPROCESSING], "epsilon_gamma_box")
 
 
 def epsilon_alpha2_beta1(epsilon: float = 1e-6, stabilizer: float = 1e-6) -> Composite:
@@ -139,8 +176,8 @@ def epsilon_alpha2_beta1(epsilon: float = 1e-6, stabilizer: float = 1e-6) -> Com
 
 def epsilon_alpha2_beta1_flat(epsilon: float = 1e-6, stabilizer: float = 1e-6) -> Composite:
     """EpsilonAlpha2Beta1 with flat on the first dense-or-conv layer (Zennit's EpsilonAlpha2Beta1Flat)."""
-    return Composite([*epsilon_alpha2_beta1(epsilon, stabilizer).entries, ("first", rules.flat(stabilizer))],
-                     "epsilon_alpha2_beta1_flat")
+    return Composite([*epsilon_alpha2_beta1(epsilon, stabilizer).entries, ("first", rules.flat(stabilizer)),
+                      _PASS_PREPROCESSING], "epsilon_alpha2_beta1_flat")
 
 
 def preset_a(epsilon: float = 0.1, stabilizer: float = 1e-6) -> Composite:
@@ -156,5 +193,6 @@ def preset_b(epsilon: float = 0.1, stabilizer: float = 1e-6) -> Composite:
 
 
 def gradient_composite(activation_rule: rules.AnyRule, name: str) -> Composite:
-    """Ordinary gradients through every layer except activations (DeconvNet / Guided BackProp)."""
-    return Composite([("*", rules.gradient()), ("activation", activation_rule)], name)
+    """Ordinary gradients through every layer except ReLUs (DeconvNet / Guided BackProp modify only those,
+    as Zennit and Captum do: casts, normalisations and other activations keep their gradient)."""
+    return Composite([("*", rules.gradient()), (lambda layer: layer.relu_like, activation_rule)], name)

@@ -3,6 +3,8 @@
 Inlining ``jit``, ``custom_jvp_call`` and ``custom_vjp_call`` bodies lets layer patterns match across call
 boundaries (``jax.nn.relu`` is a custom_jvp around a jit around ``max``) and gives every call site its own
 layers. Dropping the custom derivative rules is intended: LRP defines its own backward pass.
+Each node remembers the ``jax.jit`` calls it came from, so that the interpreter can run a jitted block as
+one compiled program again (eagerly, a block compiled as a whole rounds differently from op by op).
 Control flow (scan, cond) and ``jax.checkpoint`` (remat, whose memory saving must survive) keep their bodies
 as sub-graphs of their own.
 """
@@ -13,10 +15,11 @@ from typing import Any
 
 import jax.numpy as jnp
 from jax.extend import core as jcore
+from jax.extend.core import primitives as P
 
-#: Primitives whose body is inlined, with the parameter holding it.
-_INLINE = {"jit": "jaxpr", "pjit": "jaxpr", "closed_call": "call_jaxpr", "core_call": "call_jaxpr",
-           "custom_jvp_call": "call_jaxpr", "custom_vjp_call": "call_jaxpr"}
+#: Primitives (objects) whose body is inlined, with the parameter holding it.
+_INLINE = {P.jit_p: "jaxpr", P.closed_call_p: "call_jaxpr", P.call_p: "call_jaxpr",
+           P.custom_jvp_call_p: "call_jaxpr", P.custom_vjp_call_p: "call_jaxpr"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -33,6 +36,7 @@ class Node:
     inputs: list  # value ids (int) or Lit
     outputs: list[int]
     name: str  # module path from the name stack ('' when unknown)
+    call: tuple[int, ...] = ()  # the jax.jit calls (instance numbers, outermost first) it was inlined from
 
     def bind(self, *vals, dtype=None):
         """Apply the primitive; with ``dtype``, floating operands are cast to it and the result type follows
@@ -67,6 +71,7 @@ class _Builder:
         self.consts: dict[int, Any] = {}
         self.avals: dict[int, Any] = {}
         self._next = 0
+        self._calls = 0
 
     def new(self, aval) -> int:
         vid = self._next
@@ -74,7 +79,7 @@ class _Builder:
         self.avals[vid] = aval
         return vid
 
-    def inline(self, jaxpr: jcore.Jaxpr, consts: list, args: list, prefix: str) -> list:
+    def inline(self, jaxpr: jcore.Jaxpr, consts: list, args: list, prefix: str, call: tuple = ()) -> list:
         env: dict = {}
 
         def read(atom):
@@ -87,16 +92,21 @@ class _Builder:
         for eqn in jaxpr.eqns:
             inputs = [read(a) for a in eqn.invars]
             name = _name_of(eqn, prefix)
-            body = eqn.params.get(_INLINE.get(eqn.primitive.name, ""))
+            body = eqn.params.get(_INLINE.get(eqn.primitive, ""))
             if body is not None:
                 if isinstance(body, jcore.ClosedJaxpr):
                     inner, inner_consts = body.jaxpr, list(body.consts)
                 else:
                     inner, inner_consts = body, []
-                outs = self.inline(inner, inner_consts, inputs, name)
+                if eqn.primitive is P.jit_p:
+                    self._calls += 1
+                    inner_call = call + (self._calls,)
+                else:
+                    inner_call = call
+                outs = self.inline(inner, inner_consts, inputs, name, inner_call)
             else:
                 outs = [self.new(v.aval) for v in eqn.outvars]
-                self.nodes.append(Node(eqn.primitive, dict(eqn.params), inputs, outs, name))
+                self.nodes.append(Node(eqn.primitive, dict(eqn.params), inputs, outs, name, call))
             for var, out in zip(eqn.outvars, outs):
                 if not isinstance(var, jcore.DropVar):
                     env[var] = out

@@ -1,12 +1,13 @@
-"""Trace a function, and re-run its graph with each layer's backward pass replaced by its LRP rule.
+"""Trace a function, and re-run its graph with each layer's backward pass replaced by its rule.
 
 The forward values are those of the original primitives (each layer replays its own equations), so the
-rewritten function returns exactly what the user's function returns; only its VJP differs.
+rewritten function returns exactly what the user's function returns; only its VJP differs. The interpreter
+knows no rule types: every layer's custom_vjp calls ``layer.rule.backward(context, xs, out, relevance)``.
 """
 from __future__ import annotations
 
-import contextvars
 import dataclasses
+import itertools
 import threading
 from typing import Any, Callable
 
@@ -14,9 +15,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from . import rules as R
+from . import primitives as K
+from .analysis import REGISTRY, _Analysis
 from .graph import Graph, Lit, flatten
-from .layers import REGISTRY, RESHAPES, Layer, Plan, _Analysis, _ids, chain_axis_map, fold_axes, lin_scale_axes
+from .layers import Layer, Plan, Probes
 from .util import is_array
 
 # -------------------------------------------------------------------------------------------------------
@@ -30,7 +32,7 @@ def _aval_of(leaf) -> Any:
 
 
 class Tracer:
-    """Traces ``fn`` once per input signature and analyses its graph; caches the result."""
+    """Traces ``fn`` once per input signature and analyses its graph; caches the (immutable) plan."""
 
     def __init__(self, fn: Callable, composite, argnums: tuple[int, ...]):
         self.fn = fn
@@ -55,7 +57,7 @@ class Tracer:
         avals = tuple(_aval_of(leaf) for d, (_, leaf) in zip(dynamic, leaves) if d)
         try:
             key = (treedef, avals, tuple(dynamic), statics, tuple(sorted(kwargs.items())),
-                   tuple(sorted((k, id(v)) for k, v in REGISTRY.items())))
+                   tuple(sorted(((str(k), id(v)) for k, v in REGISTRY.items()))))
             hash(key)
         except TypeError:
             key = None
@@ -70,13 +72,9 @@ class Tracer:
 
         closed, out_shape = jax.make_jaxpr(flat_fn, return_shape=True)(*avals)
         self.trace_count += 1
-        graph = flatten(closed)
-        plan = _Analysis(graph, [e for e, d in zip(explained, dynamic) if d],
-                         [p for p, d in zip(paths, dynamic) if d]).run()
-        plan.dynamic = dynamic
-        _number_globally(plan)
-        for layer in plan.all_layers():
-            layer.rule = self.composite.resolve(layer.info)
+        analysed = _Analysis(flatten(closed), [e for e, d in zip(explained, dynamic) if d],
+                             [p for p, d in zip(paths, dynamic) if d]).run()
+        plan = dataclasses.replace(assign_rules(analysed, self.composite), dynamic=tuple(dynamic))
         result = (plan, jax.tree_util.tree_structure(out_shape))
         if key is not None and not any(isinstance(c, jax.core.Tracer) for c in closed.consts):
             with self._lock:
@@ -89,19 +87,98 @@ def dynamic_leaves(plan: Plan, args: tuple) -> list:
     return [leaf for leaf, d in zip(jax.tree_util.tree_leaves(args), plan.dynamic) if d]
 
 
-def _number_globally(plan: Plan) -> None:
-    """Number dense/conv layers over the whole program, loop bodies included, so 'first' means the first
-    dense-or-conv layer the input meets."""
-    layers = list(plan.all_layers())
-    linear = {id(l): k for k, l in enumerate(l for l in layers if l.kind in ("dense", "conv"))}
-    convs = {id(l): k for k, l in enumerate(l for l in layers if l.kind == "conv")}
-    for l in layers:
-        l.info = dataclasses.replace(l.info, linear_index=linear.get(id(l)), num_linear=len(linear),
-                                     conv_index=convs.get(id(l)))
+# -------------------------------------------------------------------------------------------------------
+# Rule assignment: positions counted as the input meets the layers, loops unrolled
+
+
+@dataclasses.dataclass(frozen=True)
+class _Position:
+    """A layer's position among dense/conv (and conv) layers as an affine function of the steps of its
+    enclosing scans: ``base + sum(step_k * stride_k)``."""
+    linear: int | None
+    conv: int | None
+    before: int  # dense/conv layers met before this one (at step 0)
+    strides: tuple[tuple[int, int], ...]  # per enclosing scan: (linear stride, conv stride)
+    lengths: tuple[int, ...]
+
+
+def _count(plan: Plan) -> tuple[int, int]:
+    """Dense/conv and conv layers the input meets in one pass of ``plan`` (loops unrolled)."""
+    n = c = 0
+    for layer in plan.layers:
+        if layer.body is not None:
+            counts = [_count(b) for b in layer.body]
+            times = _node(plan, layer).params["length"] if layer.kind == "scan" else 1
+            n += times * max(k[0] for k in counts)
+            c += times * max(k[1] for k in counts)
+        else:
+            n += layer.kind in ("dense", "conv")
+            c += layer.kind == "conv"
+    return n, c
+
+
+def _node(plan: Plan, layer: Layer):
+    return plan.graph.nodes[layer.nodes[0]]
+
+
+def _positions(plan: Plan, n: int, c: int, strides=(), lengths=(), out=None) -> dict[int, _Position]:
+    out = {} if out is None else out
+    for layer in plan.layers:
+        if layer.body is None:
+            lin, conv = layer.kind in ("dense", "conv"), layer.kind == "conv"
+            out[id(layer)] = _Position(n if lin else None, c if conv else None, n, strides, lengths)
+            n, c = n + lin, c + conv
+            continue
+        per = [_count(b) for b in layer.body]
+        step = (max(k[0] for k in per), max(k[1] for k in per))
+        if layer.kind == "scan":
+            length = _node(plan, layer).params["length"]
+            for b in layer.body:
+                _positions(b, n, c, strides + (step,), lengths + (length,), out)
+            n, c = n + length * step[0], c + length * step[1]
+        else:
+            for b in layer.body:
+                _positions(b, n, c, strides, lengths, out)
+            n, c = n + step[0], c + step[1]
+        out[id(layer)] = _Position(None, None, n, strides, lengths)
+    return out
+
+
+def assign_rules(plan: Plan, composite) -> Plan:
+    """The plan with every layer's rule chosen by ``composite``. A layer inside scans is resolved at every
+    step (as if the loop were unrolled); where steps get different rules it gets a per-step table."""
+    num_linear, _ = _count(plan)
+    positions = _positions(plan, 0, 0)
+
+    def assign(p: Plan) -> Plan:
+        layers = []
+        for layer in p.layers:
+            body = tuple(assign(b) for b in layer.body) if layer.body is not None else None
+            pos = positions[id(layer)]
+            rules_by_step, first = [], None
+            for steps in itertools.product(*(range(n) for n in pos.lengths)):
+                lin = None if pos.linear is None else pos.linear + sum(s * st[0] for s, st in zip(steps, pos.strides))
+                conv = None if pos.conv is None else pos.conv + sum(s * st[1] for s, st in zip(steps, pos.strides))
+                before = pos.before + sum(s * st[0] for s, st in zip(steps, pos.strides))
+                info = dataclasses.replace(layer.info, linear_index=lin, conv_index=conv, num_linear=num_linear,
+                                           step=steps, preceding_linear=before)
+                first = first or info
+                rules_by_step.append(composite.resolve(info))
+            distinct = list(dict.fromkeys(rules_by_step))
+            if len(distinct) == 1:
+                rule = distinct[0]
+            else:
+                from .rules import PerStep
+                table = np.array([distinct.index(r) for r in rules_by_step], np.int32).reshape(pos.lengths)
+                rule = PerStep(tuple(distinct), table)
+            layers.append(dataclasses.replace(layer, info=first, rule=rule, body=body))
+        return p.with_layers(layers)
+
+    return assign(plan)
 
 
 # -------------------------------------------------------------------------------------------------------
-# Running a plan
+# What a rule sees of a layer
 
 
 def _zero_cotangent(x):
@@ -111,228 +188,184 @@ def _zero_cotangent(x):
     return np.zeros(np.shape(x), dtype=jax.dtypes.float0)
 
 
-def _replay(graph: Graph, layer: Layer, xs, consts, dtype=None) -> jax.Array:
-    """Re-run the layer's equations on ``xs`` (in ``dtype`` if given, e.g. float32 for a bf16 model)."""
-    env = dict(zip(layer.inputs, xs))
-    env.update(zip(layer.consts, consts))
-    for n in layer.nodes:
-        node = graph.nodes[n]
-        outs = node.bind(*[a.val if isinstance(a, Lit) else env[a] for a in node.inputs], dtype=dtype)
-        env.update(zip(node.outputs, outs))
-    return env[layer.output]
-
-
 def _to_rank(c, ndim: int):
     c = jnp.asarray(c)
     return c.reshape((1,) * (ndim - c.ndim) + c.shape)
 
 
-def _canonical_linear(graph: Graph, layer: Layer, x, consts):
-    """``out = P(lin(x; W)) * A + B`` -> (op, W with A folded in, B): bias and BatchNorm merged into the
-    layer. P is the chain's structural ops (transposes, singleton reshapes). Each scale is folded into the
-    weight where it occurs (the analysis checked it varies only along axes that come from the weight, so
-    ``A * lin(x; W) = lin(x; W * A)``); only the bias is carried through later reshapes."""
-    env = dict(zip(layer.consts, consts))
-    read = lambda a: a.val if isinstance(a, Lit) else env[a]
-    head = graph.nodes[layer.nodes[0]]
-    pos = head.inputs.index(layer.inputs[0])
-    weight = read(head.inputs[1 - pos])
-    shape = tuple(graph.avals[head.outputs[0]].shape)
-    fold = fold_axes(head, pos, weight.ndim, len(shape))
-    axis_map = list(range(len(shape)))
-    bias, post, z = None, [], head.outputs[0]
-
-    def scale_by(c):
-        nonlocal weight, bias
-        c = _to_rank(c, len(shape))
-        weight = weight * _scale_in_weight_layout(c, axis_map, fold, weight.ndim).astype(weight.dtype)
-        bias = None if bias is None else bias * c
-
-    for n in layer.nodes[1:]:
-        node = graph.nodes[n]
-        name = node.prim.name
-        new_shape = tuple(graph.avals[node.outputs[0]].shape)
-        if name in RESHAPES:
-            axis_map = chain_axis_map(axis_map, name, node.params, shape, new_shape)
-            post.append(node)
-            if bias is not None:
-                bias = node.bind(jnp.broadcast_to(_to_rank(bias, len(shape)), shape))[0]
-        elif name == "neg":
-            scale_by(-1.0)
-        else:
-            z_first = node.inputs[0] == z
-            c = _to_rank(read(node.inputs[1] if z_first else node.inputs[0]), len(shape))
-            if name == "add":
-                bias = c if bias is None else bias + c
-            elif name == "sub" and z_first:
-                bias = -c if bias is None else bias - c
-            elif name == "sub":  # c - z
-                scale_by(-1.0)
-                bias = c if bias is None else c + bias
-            elif name == "mul":
-                scale_by(c)
-            else:  # div (z / c)
-                scale_by(1.0 / c)
-        z, shape = node.outputs[0], new_shape
-
-    def op(x, w):  # computes in x's dtype (the rule's compute dtype)
-        out = head.bind(*((x, w) if pos == 0 else (w, x)), dtype=x.dtype)[0]
-        for node in post:
-            out = node.bind(out)[0]
-        return out
-
-    return op, weight, bias
-
-
-def _scale_in_weight_layout(scale, axis_map, fold, w_ndim):
-    """Reshape a per-output scale (constant along axes the weight lacks) to broadcast against the weight."""
-    axes = lin_scale_axes(tuple(int(n) for n in np.shape(scale)), axis_map, fold)
-    if axes is None:
-        raise AssertionError("jlrp internal error: a scale the analysis found foldable cannot be folded")
+def _in_weight_layout(scale, axes: tuple[int, ...], w_ndim: int):
+    """A per-output scale (constant along axes the weight lacks) laid out to broadcast against the weight;
+    ``axes`` (from the analysis) give the weight axis of each of its non-1 axes."""
+    scale = jnp.asarray(scale)
     if not axes:  # a scalar factor
         return jnp.reshape(scale, (1,) * w_ndim)
     varying = [k for k, n in enumerate(scale.shape) if n != 1]
-    values = scale.reshape([scale.shape[k] for k in varying])
-    values = jnp.transpose(values, np.argsort(axes))
+    values = jnp.transpose(scale.reshape([scale.shape[k] for k in varying]), np.argsort(axes))
     w_shape = [1] * w_ndim
     for k, a in zip(varying, axes):
         w_shape[a] = scale.shape[k]
     return values.reshape(w_shape)
 
 
-def _rule_backward(graph: Graph, layer: Layer, xs, consts, out, relevance):
-    """R_in for each explained input of ``layer``, and the relevance it absorbs."""
-    rule = layer.rule
-    absorbed = None
-    if isinstance(rule, R.Rule):
-        if layer.kind in ("dense", "conv"):
-            op, weight, bias = _canonical_linear(graph, layer, xs[0], consts)
-        elif layer.kind == "max":  # a rule on max pooling: propagate as if it were sum pooling
-            node = graph.nodes[layer.nodes[0]]
-            summing = _SUM_OF[node.prim.name]
-            op = lambda x, w: summing.bind(x, **node.prim.get_bind_params(node.params))
-            weight = bias = None
-        else:
-            op = lambda *a: _replay(graph, layer, a[:-1], consts, dtype=a[0].dtype)
-            weight = bias = None
-        r_in, absorbed = R.propagate(rule, op, xs, weight, bias, relevance, out, layer.degree, layer.nonneg,
-                                     z_is_op=layer.kind != "max")
-    elif isinstance(rule, R.Substitute):
-        if layer.kind not in ("dense", "conv"):
-            raise TypeError(f"rule {rule!r} substitutes weights: it applies to dense and conv layers only")
-        op, weight, _ = _canonical_linear(graph, layer, xs[0], consts)
-        _, pullback = jax.vjp(lambda x: op(x, rule.weight(weight).astype(x.dtype)), xs[0])
-        r_in = pullback(relevance.astype(out.dtype))
-    elif isinstance(rule, R.Product):
-        r_in = _product_backward(graph, layer, rule, xs, consts, out, relevance)
-    elif isinstance(rule, R.Pass):
-        r_in = tuple(_reduce_to(relevance, x) / len(xs) for x in xs)
-    elif isinstance(rule, R.Custom):
-        r_in = tuple(rule.backward(lambda *a: _replay(graph, layer, a, consts), tuple(xs), out, relevance))
-    else:  # Native, only reached when reporting
-        _, pullback = jax.vjp(lambda *a: _replay(graph, layer, a, consts), *xs)
-        r_in = pullback(relevance)
-    r_in = tuple(r.astype(x.dtype) for r, x in zip(r_in, xs))
-    if absorbed is None:  # rules without denominators: measured (in at least float32, float64 under x64)
-        dtype = jnp.promote_types(relevance.dtype, jnp.float32)
-        absorbed = jnp.sum(relevance.astype(dtype)) - sum(jnp.sum(r.astype(dtype)) for r in r_in)
-    return r_in, absorbed
+@dataclasses.dataclass(frozen=True)
+class View:
+    """A layer read as ``op(*xs, weight) + bias``: ``op`` is linear (homogeneous of the layer's degree) in
+    ``xs``; ``weight`` and ``bias`` are None for parameter-free layers. ``exact`` says whether the layer's
+    output equals ``op(*xs, weight) + bias`` (False for a stand-in, e.g. max pooling read as sum pooling)."""
+    op: Callable
+    weight: Any = None
+    bias: Any = None
+    exact: bool = True
 
 
-_SUM_OF = {"reduce_max": jax.lax.reduce_sum_p, "reduce_window_max": jax.lax.reduce_window_sum_p,
-           "reduce_min": jax.lax.reduce_sum_p, "reduce_window_min": jax.lax.reduce_window_sum_p}
+@dataclasses.dataclass(frozen=True)
+class LayerContext:
+    """What a rule's ``backward`` may use: the layer's record, its constants, and views of it."""
+    graph: Graph
+    layer: Layer
+    consts: tuple
+    steps: tuple = ()  # inside scans: the current step of each enclosing scan (traced)
+
+    def read(self, atom):
+        return atom.val if isinstance(atom, Lit) else dict(zip(self.layer.consts, self.consts))[atom]
+
+    def replay(self, *xs, dtype=None):
+        """Re-run the layer's equations on ``xs`` (in ``dtype`` if given, e.g. float32 for a bf16 model)."""
+        env = dict(zip(self.layer.inputs, xs))
+        env.update(zip(self.layer.consts, self.consts))
+        for n in self.layer.nodes:
+            node = self.graph.nodes[n]
+            outs = node.bind(*[a.val if isinstance(a, Lit) else env[a] for a in node.inputs], dtype=dtype)
+            env.update(zip(node.outputs, outs))
+        return env[self.layer.output]
+
+    def multiplicity(self, k: int) -> int:
+        """How often explained input ``k`` enters the layer's core node (x . x counts twice)."""
+        return self.graph.nodes[self.layer.nodes[0]].inputs.count(self.layer.inputs[k])
+
+    def view(self, xs) -> View:
+        kind = self.layer.kind
+        if self.layer.view is not None:
+            return self._linear()
+        if kind == "affine" and self.layer.mixing:  # x -> f(x) - f(0) is linear: its VJP is the map's
+            bias = self.replay(jnp.zeros_like(xs[0]), dtype=xs[0].dtype)
+            return View(lambda x, w: self.replay(x, dtype=x.dtype) - bias, None, bias)
+        if kind == "affine":
+            return self._affine(xs[0])
+        if kind == "max":  # a rule on max pooling: propagate as if it were sum pooling
+            node = self.graph.nodes[self.layer.nodes[0]]
+            summing = K.SUM_OF[node.prim]
+            return View(lambda x, w: summing.bind(x, **node.prim.get_bind_params(node.params)), exact=False)
+        return View(lambda *a: self.replay(*a[:-1], dtype=a[0].dtype))
+
+    def _linear(self) -> View:
+        """``out = P(lin(pad(x); W)) * A + B`` -> (op, W with A folded in, B): bias and BatchNorm merged into
+        the layer, following the recipe the analysis derived (:class:`~.layers.LinearView`)."""
+        g, view = self.graph, self.layer.view
+        head = g.nodes[view.head]
+        weight = self.read(head.inputs[1 - view.position])
+        shape = tuple(g.avals[head.outputs[0]].shape)
+        bias, post = None, []
+        for step in view.steps:
+            node = g.nodes[step.node]
+            if step.kind == "reshape":
+                post.append(node)
+                if bias is not None:
+                    bias = node.bind(jnp.broadcast_to(_to_rank(bias, len(shape)), shape))[0]
+            elif step.kind == "scale":
+                c = -1.0 if step.negate else self.read(step.operand)
+                c = 1.0 / c if step.invert else c
+                weight = weight * _in_weight_layout(c, step.weight_axes, weight.ndim).astype(weight.dtype)
+                bias = None if bias is None else bias * _to_rank(c, len(shape))
+            elif step.kind == "bias":
+                if step.bias_sign < 0:  # c - z
+                    weight, bias = -weight, None if bias is None else -bias
+                c = step.sign * _to_rank(self.read(step.operand), len(shape))
+                bias = c if bias is None else bias + c
+            shape = tuple(g.avals[node.outputs[0]].shape)
+        pad = None if view.pad is None else g.nodes[view.pad]
+        pos = view.position
+
+        def op(x, w):  # computes in x's dtype (the rule's compute dtype)
+            if pad is not None:
+                x = pad.prim.bind(x, jnp.zeros((), x.dtype), **pad.prim.get_bind_params(pad.params))
+            out = head.bind(*((x, w) if pos == 0 else (w, x)), dtype=x.dtype)[0]
+            for node in post:
+                out = node.bind(out)[0]
+            return out
+
+        return View(op, weight, bias)
+
+    def _affine(self, x) -> View:
+        """``y = a * x + b`` elementwise: ``a`` is the derivative (exactly what the gradient sees; the
+        layer's statistics are constants here), ``b = y - a * x``."""
+        y, a = jax.jvp(lambda v: self.replay(v, dtype=v.dtype), (x,), (jnp.ones_like(x),))
+        return View(lambda v, w: jnp.broadcast_to(v, w.shape) * w, a, y - jnp.broadcast_to(x, y.shape) * a)
 
 
-def _product_backward(graph, layer, rule, xs, consts, out, relevance):
-    """Products of activations: constant-origin operands get nothing, the others share uniformly."""
-    live = [k for k, o in enumerate(layer.origins) if o not in rule.constant]
-    if not live or len(live) == len(xs):
-        live = list(range(len(xs)))
-
-    def op(*a):
-        full = [x.astype(a[0].dtype) for x in xs]
-        for k, v in zip(live, a[:-1]):
-            full[k] = v
-        return _replay(graph, layer, full, consts, dtype=a[0].dtype)
-
-    node = graph.nodes[layer.nodes[0]]
-    degree = sum(node.inputs.count(layer.inputs[k]) for k in live)  # x . x counts twice
-    epsilon = R.epsilon(rule.stabilizer)
-    r_live, _ = R.propagate(epsilon, op, [xs[k] for k in live], None, None, relevance, out, degree)
-    r_in = [jnp.zeros_like(x) for x in xs]
-    for k, r in zip(live, r_live):
-        r_in[k] = r
-    return tuple(r_in)
+# -------------------------------------------------------------------------------------------------------
+# Running a plan
 
 
-def _reduce_to(r, x):
-    """Sum ``r`` over the axes along which ``x`` was broadcast to r's shape."""
-    axes = tuple(k for k, (a, b) in enumerate(zip(x.shape, r.shape)) if a == 1 and b != 1)
-    return jnp.sum(r, axis=axes, keepdims=True) if axes else r
-
-
-#: When set, called as ``tap(info, x, op, weight, bias, out)`` for every dense/conv layer as it runs, with the
-#: canonized weight and bias (BatchNorm folded in): PatternNet gathers its statistics this way.
-TAP: contextvars.ContextVar = contextvars.ContextVar("jlrp_tap", default=None)
-
-
-def _emit(graph: Graph, layer: Layer, xs, consts, probe):
-    out = _emit_rule(graph, layer, xs, consts, probe)
-    tap = TAP.get()
-    if tap is not None and layer.kind in ("dense", "conv"):
-        op, weight, bias = _canonical_linear(graph, layer, xs[0], consts)
-        tap(layer.info, xs[0], op, weight, bias, out)
-    return out
-
-
-def _emit_rule(graph: Graph, layer: Layer, xs, consts, probe):
-    if isinstance(layer.rule, R.Native) and probe is None:
-        return _replay(graph, layer, xs, consts)
+def _emit(graph: Graph, layer: Layer, xs, consts, probe, steps, tap):
+    ctx = LayerContext(graph, layer, tuple(consts), steps)
+    if tap is not None and layer.view is not None and not steps:
+        tap(layer.info, xs[0], ctx.view(xs), ctx.replay(*xs))
+    if layer.rule.native and probe is None:
+        return ctx.replay(*xs)
 
     @jax.custom_vjp
-    def f(xs, consts, probe):
-        return _replay(graph, layer, xs, consts)
+    def f(xs, consts, probe, steps):
+        return LayerContext(graph, layer, consts, steps).replay(*xs)
 
-    def fwd(xs, consts, probe):
-        out = _replay(graph, layer, xs, consts)
-        return out, (xs, consts, out)
+    def fwd(xs, consts, probe, steps):
+        out = LayerContext(graph, layer, consts, steps).replay(*xs)
+        return out, (xs, consts, out, steps)
 
     def bwd(res, relevance):
-        xs, consts, out = res
-        r_in, absorbed = _rule_backward(graph, layer, xs, consts, out, relevance)
+        xs, consts, out, steps = res
+        ctx = LayerContext(graph, layer, consts, steps)
+        r_in, absorbed = layer.rule.backward(ctx, xs, out, relevance)
+        r_in = tuple(r.astype(x.dtype) for r, x in zip(r_in, xs))
+        if absorbed is None:  # rules without denominators: measured (in at least float32, float64 under x64)
+            dtype = jnp.promote_types(relevance.dtype, jnp.float32)
+            absorbed = jnp.sum(relevance.astype(dtype)) - sum(jnp.sum(r.astype(dtype)) for r in r_in)
         probe_ct = None if probe is None else (relevance, absorbed.astype(probe[1].dtype))
-        return r_in, jax.tree.map(_zero_cotangent, consts), probe_ct
+        return r_in, jax.tree.map(_zero_cotangent, consts), probe_ct, jax.tree.map(_zero_cotangent, steps)
 
     f.defvjp(fwd, bwd)
-    return f(tuple(xs), tuple(consts), probe)
+    return f(tuple(xs), tuple(consts), probe, tuple(steps))
 
 
-def _control_flow(layer: Layer, node, vals: list, probes: list | None) -> list:
+def _control_flow(layer: Layer, node, vals: list, probes: list | None, steps: tuple, tap) -> list:
     """Run scan / cond with their bodies rewritten (each body is an analysed plan of its own).
 
-    ``probes``: one probe dict per body (see :func:`run`) or None; a scan's are stacked over its steps
-    and sliced like its ``xs``, so their cotangents come back per step."""
-    probes = probes or [None] * len(layer.body)
-    if node.prim.name == "scan":
+    ``probes``: one :class:`Probes` per body or None; a scan's are stacked over its steps
+    and sliced like its ``xs``, so their cotangents come back per step. Inside a scan the step (in execution
+    order) is threaded to the body's layers, for rules that differ per step."""
+    probes = probes or [Probes() for _ in layer.body]
+    if node.prim is K.SCAN:
         p = node.params
-        nc, ncar = p["num_consts"], p["num_carry"]
+        nc, ncar, length = p["num_consts"], p["num_carry"], p["length"]
         consts, init, xs = vals[:nc], vals[nc:nc + ncar], vals[nc + ncar:]
+        order = jnp.arange(length)
+        order = length - 1 - order if p["reverse"] else order
 
         def step(carry, inputs):
-            x, probe = inputs
-            outs = run(layer.body[0], list(consts) + list(carry) + list(x), probe)
+            x, probe, e = inputs
+            outs = run(layer.body[0], list(consts) + list(carry) + list(x), probe, steps + (e,), tap)
             return outs[:ncar], outs[ncar:]
 
-        carry, ys = jax.lax.scan(step, list(init), (list(xs), probes[0]), length=p["length"],
+        carry, ys = jax.lax.scan(step, list(init), (list(xs), probes[0], order), length=length,
                                  reverse=p["reverse"], unroll=p["unroll"])
         return list(carry) + list(ys)
-    if node.prim.name == "cond":
-        branches = [lambda ops, probes, j=j: run(layer.body[j], list(ops), probes[j])
+    if node.prim is K.COND:
+        branches = [lambda ops, probes, j=j: run(layer.body[j], list(ops), probes[j], steps, tap)
                     for j in range(len(layer.body))]
         return list(jax.lax.switch(vals[0], branches, list(vals[1:]), probes))
     # jax.checkpoint: the rewritten body is checkpointed again, so its activations are recomputed in the
     # backward pass (with the rules' custom_vjps inside) instead of being stored
-    body = jax.checkpoint(lambda ops, probe: run(layer.body[0], list(ops), probe),
+    body = jax.checkpoint(lambda ops, probe: run(layer.body[0], list(ops), probe, steps, tap),
                           prevent_cse=node.params["prevent_cse"], policy=node.params["policy"])
     return list(body(list(vals), probes[0]))
 
@@ -344,67 +377,124 @@ def control_outputs(plan: Plan, node) -> list[int]:
 
 def constant_inits(plan: Plan, layer: Layer, node) -> list[int]:
     """Operand positions of a scan's initial carries that are constant outside but explained in the body."""
-    if node.prim.name != "scan":
+    if node.prim is not K.SCAN:
         return []
     nc, ncar = node.params["num_consts"], node.params["num_carry"]
     return [k for k in range(nc, nc + ncar)
             if layer.flags[k] and (isinstance(node.inputs[k], Lit) or node.inputs[k] not in plan.active)]
 
 
-def run(plan: Plan, flat_args: list, probes: dict | None = None) -> list:
+def run(plan: Plan, flat_args: list, probes: Probes | None = None, steps: tuple = (), tap=None) -> list:
     """Evaluate the plan's graph on ``flat_args``; layers carry their rules in the VJP.
 
-    ``probes`` maps ``f"layer{index}"`` to zero arrays ``(like output, scalar)`` whose cotangents become
-    that layer's relevance and absorbed share (the conservation report; a control-flow layer's probes,
-    one per explained output, are added to its outputs), ``f"body{index}"`` to a list of such dicts, one
-    per body of a control-flow layer, ``f"init{index}"`` to ``{operand position: zeros}`` added to a
-    scan's constant initial carries, and ``f"root{k}"`` to a zero array added to the k-th embedding root
-    (relevance of explained token ids is read there).
+    ``probes`` (:class:`~.layers.Probes`): zero arrays whose cotangents become each layer's relevance and
+    absorbed share (the report). ``tap(info, x, view, out)``, if given, is called
+    for every top-level dense/conv layer with its input, canonical view and output (PatternNet).
+
+    A ``jax.jit`` block of the model runs as one jitted program again (its explained part), so that the
+    forward values equal the model's to the last bit also when it is called eagerly.
     """
     g = plan.graph
-    probes = probes or {}
+    probes = probes or Probes()
     env: dict[int, Any] = dict(zip(g.inputs, flat_args))
     env.update(g.consts)
     read = lambda a: a.val if isinstance(a, Lit) else env[a]
     deferred = []
     for i, node in enumerate(g.nodes):  # everything independent of the explained input, first
-        if any(v in plan.depends for v in _ids(node)):
+        if any(v in plan.depends for v in node.inputs if not isinstance(v, Lit)):
             deferred.append(i)
         else:
             env.update(zip(node.outputs, node.bind(*map(read, node.inputs))))
     internal: dict[int, Any] = {}  # region values computed from stopped roots (non-differentiable)
-    roots = {v: k for k, v in enumerate(plan.roots)}
-    for i in deferred:
-        node = g.nodes[i]
-        layer = plan.emit_at.get(i)
-        if i in plan.stopped_roots:  # inside an elementwise region
-            stopped = plan.stopped_roots[i]
-            vals = [a.val if isinstance(a, Lit) else internal[a] if a in internal
-                    else jax.lax.stop_gradient(env[a]) if a in stopped else env[a] for a in node.inputs]
-            outs = node.bind(*vals)
-            internal.update(zip(node.outputs, outs))
-            env.update(zip(node.outputs, outs))
-        elif layer is not None and layer.body is not None:
-            vals = [read(a) for a in node.inputs]
-            for k, probe in probes.get(f"init{layer.info.index}", {}).items():
-                vals[k] = vals[k] + probe  # a constant initial carry that the body explains
-            env.update(zip(node.outputs, _control_flow(layer, node, vals, probes.get(f"body{layer.info.index}"))))
-            if f"layer{layer.info.index}" in probes:
-                for v, probe in zip(control_outputs(plan, node), probes[f"layer{layer.info.index}"][0]):
-                    env[v] = env[v] + probe
-            continue
-        elif i in plan.skip and layer is None:
-            continue
-        elif layer is not None and len(node.outputs) > 1:  # e.g. a registered sort with its indices
-            env.update(zip(node.outputs, node.bind(*map(read, node.inputs))))
-        elif layer is None:
-            env.update(zip(node.outputs, node.bind(*map(read, node.inputs))))
-            for v in node.outputs:
-                if v in roots and f"root{roots[v]}" in probes:
-                    env[v] = env[v] + probes[f"root{roots[v]}"]
-        if layer is not None:
-            # statistics an activation treats as constants (1/std, softmax's sum) must not carry relevance
-            consts = [jax.lax.stop_gradient(env[v]) if v in plan.active else read(v) for v in layer.consts]
-            env[layer.output] = _emit(g, layer, [env[v] for v in layer.inputs], consts,
-                                      probes.get(f"layer{layer.info.index}"))
+    state = (plan, probes, steps, tap)
+    for group in _jit_blocks(g, deferred) if tap is None and not steps else [[i] for i in deferred]:
+        if len(group) == 1:
+            _evaluate(state, group[0], env, internal)
+        else:
+            _run_block(state, group, env, internal)
     return [jnp.asarray(v.val) if isinstance(v, Lit) else env[v] for v in g.outputs]
+
+
+def _jit_blocks(graph: Graph, deferred: list[int]) -> list[list[int]]:
+    """Consecutive nodes from the same outermost ``jax.jit`` call, grouped (others alone)."""
+    groups: list[list[int]] = []
+    for i in deferred:
+        call = graph.nodes[i].call[:1]
+        if groups and call and graph.nodes[groups[-1][0]].call[:1] == call:
+            groups[-1].append(i)
+        else:
+            groups.append([i])
+    return groups
+
+
+def _block_io(plan: Plan, group: list[int]) -> tuple[list[int], list[int]]:
+    """Values a block of nodes reads from outside, and values it produces."""
+    produced, reads = set(), []
+    for i in group:
+        node = plan.graph.nodes[i]
+        layer = plan.emit_at.get(i)
+        needed = [a for a in node.inputs if not isinstance(a, Lit)]
+        if layer is not None:
+            needed += list(layer.inputs) + list(layer.consts)
+        reads += [v for v in needed if v not in produced]
+        produced.update(node.outputs)
+    return list(dict.fromkeys(reads)), sorted(produced)
+
+
+def _run_block(state, group: list[int], env: dict, internal: dict) -> None:
+    plan = state[0]
+    reads, produced = _block_io(plan, group)
+    inside = [v for v in reads if v in internal]
+    outside = [v for v in reads if v in env and v not in internal]
+
+    def block(outer, inner, probes):
+        env_b, internal_b = dict(zip(outside, outer)), dict(zip(inside, inner))
+        env_b.update(internal_b)
+        for i in group:
+            _evaluate((plan, probes, (), None), i, env_b, internal_b)
+        return ({v: env_b[v] for v in produced if v in env_b},
+                {v: internal_b[v] for v in produced if v in internal_b})
+
+    env_out, internal_out = jax.jit(block)([env[v] for v in outside], [internal[v] for v in inside], state[1])
+    env.update(env_out)
+    internal.update(internal_out)
+
+
+def _evaluate(state, i: int, env: dict, internal: dict) -> None:
+    """Evaluate deferred node ``i`` (or the layer emitted there) into ``env``."""
+    plan, probes, steps, tap = state
+    g = plan.graph
+    read = lambda a: a.val if isinstance(a, Lit) else env[a]
+    node = g.nodes[i]
+    layer = plan.emit_at.get(i)
+    if i in plan.stopped_roots:  # inside an elementwise region
+        stopped = plan.stopped_roots[i]
+        vals = [a.val if isinstance(a, Lit) else internal[a] if a in internal
+                else jax.lax.stop_gradient(env[a]) if a in stopped else env[a] for a in node.inputs]
+        outs = node.bind(*vals)
+        internal.update(zip(node.outputs, outs))
+        env.update(zip(node.outputs, outs))
+    elif layer is not None and layer.body is not None:
+        vals = [read(a) for a in node.inputs]
+        index = layer.info.index
+        for k, probe in probes.inits.get(index, {}).items():
+            vals[k] = vals[k] + probe  # a constant initial carry that the body explains
+        env.update(zip(node.outputs, _control_flow(layer, node, vals, probes.bodies.get(index), steps, tap)))
+        if index in probes.layers:
+            for v, probe in zip(control_outputs(plan, node), probes.layers[index][0]):
+                env[v] = env[v] + probe
+        return
+    elif i in plan.skip and layer is None:
+        return
+    elif layer is not None and len(node.outputs) > 1:  # e.g. a registered sort with its indices
+        env.update(zip(node.outputs, node.bind(*map(read, node.inputs))))
+    elif layer is None:
+        env.update(zip(node.outputs, node.bind(*map(read, node.inputs))))
+        for v in node.outputs:
+            if v in plan.roots and plan.roots.index(v) in probes.roots:
+                env[v] = env[v] + probes.roots[plan.roots.index(v)]
+    if layer is not None:
+        # statistics an activation treats as constants (1/std, softmax's sum) must not carry relevance
+        consts = [jax.lax.stop_gradient(env[v]) if v in plan.active else read(v) for v in layer.consts]
+        env[layer.output] = _emit(g, layer, [env[v] for v in layer.inputs], consts,
+                                  probes.layers.get(layer.info.index), steps, tap)

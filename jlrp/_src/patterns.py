@@ -26,8 +26,8 @@ import numpy as np
 from . import rules
 from .api import _explain, transform
 from .composites import Composite
-from .interpreter import TAP
-from .layers import LayerInfo, weight_unit_axes
+from .geometry import weight_unit_axes
+from .layers import LayerInfo
 from .util import eval_shape_arrays, jit_arrays
 
 Kind = Literal["two_component", "linear"]
@@ -178,11 +178,10 @@ def _with_tap(fn: Callable, argnums: int) -> Callable:
     transformed = transform(fn, Composite([("*", rules.gradient())], "forward"), argnums=argnums)
 
     def run(args, tap):
-        token = TAP.set(lambda info, *a: tap(info, *a) if info.scope == "" else None)
-        try:
-            transformed(*args)
-        finally:
-            TAP.reset(token)
+        def layer_tap(info, x, view, y):
+            if info.scope == "":
+                tap(info, x, view.op, view.weight, view.bias, y)
+        transformed.run(transformed.plan(args, {}), args, tap=layer_tap)
     return run
 
 

@@ -24,10 +24,25 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .layers import weight_unit_axes
+from .geometry import weight_unit_axes
 
 Array = jax.Array
 Modifier = Callable[[Array], Array]
+
+
+class RuleBase:
+    """The one rule protocol: ``backward(context, xs, out, relevance) -> (R_in per input, absorbed)``.
+
+    ``context`` is the interpreter's :class:`~jlrp._src.interpreter.LayerContext` (``replay``, ``view``,
+    ``layer``, ``steps``); ``xs`` are the layer's explained inputs, ``out`` its output and ``relevance`` the
+    relevance at the output. ``absorbed`` is ``sum(relevance) - sum(R_in)`` computed from the rule's own
+    denominators, or None to have it measured. ``native`` rules keep the layer's ordinary VJP, so the
+    interpreter need not wrap the layer at all when nothing is reported.
+    """
+    native = False
+
+    def backward(self, context, xs, out, relevance):
+        raise NotImplementedError
 
 
 @dataclasses.dataclass(frozen=True)
@@ -90,7 +105,7 @@ class Group:
 
 
 @dataclasses.dataclass(frozen=True)
-class Rule:
+class Rule(RuleBase):
     """An LRP rule: groups of modified layer copies and the stabilizer of their denominators.
 
     Rules are hashable values, so composites and cached traces can compare them.
@@ -102,44 +117,64 @@ class Rule:
     def __repr__(self) -> str:
         return self.name
 
+    def backward(self, context, xs, out, relevance):
+        view = context.view(xs)
+        layer = context.layer
+        return propagate(self, view.op, xs, view.weight, view.bias, relevance, out, layer.degree, layer.nonneg,
+                         z_is_op=view.exact)
+
 
 @dataclasses.dataclass(frozen=True)
-class Native:
+class Native(RuleBase):
     """Keep the layer's ordinary VJP (gradient): max pooling's winner-take-all, structural ops."""
     name: str = "gradient"
+    native = True
 
     def __repr__(self) -> str:
         return self.name
 
+    def backward(self, context, xs, out, relevance):
+        _, pullback = jax.vjp(context.replay, *xs)
+        return pullback(relevance), None
+
 
 @dataclasses.dataclass(frozen=True)
-class Pass:
-    """Relevance passes through unchanged (R_in = R_out): elementwise activations."""
+class Pass(RuleBase):
+    """Relevance passes through unchanged (R_in = R_out), shared equally by the inputs: activations."""
     name: str = "pass"
 
     def __repr__(self) -> str:
         return self.name
 
+    def backward(self, context, xs, out, relevance):
+        return tuple(_reduce_to(relevance, x) / len(xs) for x in xs), None
+
+
+def _reduce_to(r, x):
+    """Sum ``r`` over the axes along which ``x`` was broadcast to r's shape."""
+    axes = tuple(k for k, (a, b) in enumerate(zip(x.shape, r.shape)) if a == 1 and b != 1)
+    return jnp.sum(r, axis=axes, keepdims=True) if axes else r
+
 
 @dataclasses.dataclass(frozen=True)
-class Custom:
-    """A rule given as a function: ``backward(forward, xs, out, relevance) -> R_in for each of xs``.
+class Custom(RuleBase):
+    """A rule given as a function: ``fn(forward, xs, out, relevance) -> R_in for each of xs``.
 
     ``forward(*xs)`` recomputes the layer (use ``jax.vjp`` on it for gradient-based rules), ``xs`` are the
     layer's explained inputs, ``out`` its output and ``relevance`` the relevance arriving at the output.
     """
     name: str
-    backward: Callable[..., Sequence[Array]]
+    fn: Callable[..., Sequence[Array]]
 
     def __repr__(self) -> str:
         return self.name
 
-
-AnyRule = Rule | Native | Pass | Custom  # (and Product, defined below, for products of activations)
+    def backward(self, context, xs, out, relevance):
+        return tuple(self.fn(context.replay, tuple(xs), out, relevance)), None
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
-class Substitute:
+class Substitute(RuleBase):
     """Gradient with the layer's (canonized) weight replaced: ``R_in = VJP of x -> op(x; weight(W)) at R``.
 
     PatternNet (weight -> pattern) and PatternAttribution (weight -> weight * pattern) are of this form.
@@ -149,6 +184,13 @@ class Substitute:
 
     def __repr__(self) -> str:
         return self.name
+
+    def backward(self, context, xs, out, relevance):
+        if context.layer.view is None:
+            raise TypeError(f"rule {self!r} substitutes weights: it applies to dense and conv layers only")
+        view = context.view(xs)
+        _, pullback = jax.vjp(lambda x: view.op(x, self.weight(view.weight).astype(x.dtype)), xs[0])
+        return pullback(relevance.astype(out.dtype)), None
 
 
 def _select(z: Array, select: str | None) -> Array | float:
@@ -423,7 +465,7 @@ def gradient() -> Native:
 
 
 @dataclasses.dataclass(frozen=True)
-class Product:
+class Product(RuleBase):
     """Rule for a product of activations: operands whose origin is in ``constant`` are treated as constants
     (they get no relevance); the others share it uniformly (epsilon rule divided by their number).
 
@@ -436,6 +478,58 @@ class Product:
 
     def __repr__(self) -> str:
         return self.name
+
+    def backward(self, context, xs, out, relevance):
+        """Constant-origin operands get nothing; the others share by the epsilon rule over the product."""
+        origins = context.layer.origins
+        live = [k for k, o in enumerate(origins) if o not in self.constant]
+        if not live or len(live) == len(xs):
+            live = list(range(len(xs)))
+
+        def op(*a):
+            full = [x.astype(a[0].dtype) for x in xs]
+            for k, v in zip(live, a[:-1]):
+                full[k] = v
+            return context.replay(*full, dtype=a[0].dtype)
+
+        degree = sum(context.multiplicity(k) for k in live)  # x . x counts twice
+        r_live, _ = propagate(epsilon(self.stabilizer), op, [xs[k] for k in live], None, None, relevance, out,
+                              degree)
+        r_in = [jnp.zeros_like(x) for x in xs]
+        for k, r in zip(live, r_live):
+            r_in[k] = r
+        return tuple(r_in), None
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class PerStep(RuleBase):
+    """Different rules at different steps of the enclosing scans (a composite's 'first' layer inside a
+    scanned stack of blocks is first only at step 0): ``table[steps]`` picks the rule."""
+    rules: tuple
+    table: np.ndarray
+
+    @property
+    def native(self) -> bool:
+        return all(r.native for r in self.rules)
+
+    def __repr__(self) -> str:
+        return "per-step(" + ", ".join(map(repr, self.rules)) + ")"
+
+    def backward(self, context, xs, out, relevance):
+        index = jnp.asarray(self.table)[tuple(context.steps)]
+        branches = [lambda xs, out, relevance, r=r: _with_absorbed(r.backward(context, xs, out, relevance), relevance,
+                                                                   xs) for r in self.rules]
+        return jax.lax.switch(index, branches, tuple(xs), out, relevance)
+
+
+def _with_absorbed(result, relevance, xs):
+    """Fill in a measured absorbed share, so that every branch of a switch returns the same structure."""
+    r_in, absorbed = result
+    r_in = tuple(r.astype(x.dtype) for r, x in zip(r_in, xs))
+    if absorbed is None:
+        dtype = jnp.promote_types(relevance.dtype, jnp.float32)
+        absorbed = jnp.sum(relevance.astype(dtype)) - sum(jnp.sum(r.astype(dtype)) for r in r_in)
+    return r_in, absorbed.astype(jnp.promote_types(relevance.dtype, jnp.float32))
 
 
 def uniform(stabilizer: float = 1e-6, *, gates: bool = True) -> Product:
@@ -461,6 +555,9 @@ def _positive_part(forward, xs, out, relevance):
 def _guided(forward, xs, out, relevance):
     _, pullback = jax.vjp(forward, *xs)
     return pullback(jnp.maximum(relevance, 0).astype(out.dtype))
+
+
+AnyRule = RuleBase
 
 
 def deconvnet() -> Custom:

@@ -4,6 +4,7 @@ Shared by every explanation method so that ``target=`` means the same thing ever
 """
 from __future__ import annotations
 
+import functools
 import warnings
 from typing import Any
 
@@ -58,6 +59,12 @@ def warn_if_ambiguous(out_shape: tuple[int, ...], inputs: Any, target: Any, rele
         stacklevel=4)
 
 
+def _raise_out_of_range(bad, target, n: int) -> None:
+    if bool(np.asarray(bad)):
+        raise ValueError(f"target {np.asarray(target).tolist()} is out of range: the model has {n} outputs on "
+                         f"its last axis, so targets must lie in [0, {n - 1}]")
+
+
 def target_mask(out: jax.Array, target: Any) -> jax.Array:
     """One-hot mask over the last axis of ``out`` selecting ``target`` (argmax when None).
 
@@ -68,6 +75,10 @@ def target_mask(out: jax.Array, target: Any) -> jax.Array:
         return jnp.ones_like(out)
     if target is None:
         target = jnp.argmax(out, axis=-1)
+    elif not _is_concrete(target):  # checked when the program runs: a one-hot of it would be silently zero
+        n = out.shape[-1]
+        jax.debug.callback(functools.partial(_raise_out_of_range, n=n), jnp.any((target < 0) | (target >= n)),
+                           target)
     target = jnp.broadcast_to(jnp.asarray(target), out.shape[:-1])
     return jax.nn.one_hot(target, out.shape[-1], dtype=out.dtype)
 
