@@ -158,11 +158,19 @@ class _Analysis:
         return users[0]
 
     def source(self, v: int) -> int:
-        """The root a region value (or a root cut from a region) ultimately derives from."""
-        r = self.root.get(v, v)
-        while r in self.alias:
-            r = self.alias[r]
-        return r
+        """The root a region value (or a root cut from a region) ultimately derives from, seen through
+        value-preserving steps (a cast before a LayerNorm's statistics is the same value)."""
+        while True:
+            r = self.root.get(v, v)
+            if r in self.alias:
+                v = self.alias[r]
+                continue
+            p = self.producer.get(r)
+            ins = [] if p is None or self.g.nodes[p].prim not in K.IDENTITY else [
+                a for a in _ids(self.g.nodes[p]) if a in self.depends]
+            if not ins:
+                return r
+            v = ins[0]
 
     def _track_statistic(self, node: Node) -> None:
         ins = [v for v in _ids(node) if v in self.depends]
@@ -193,8 +201,9 @@ class _Analysis:
             if v == root:
                 continue
             p = self.producer.get(v)
-            if p is None:
-                return None
+            if p is None or (v not in self.stat and (self.source(v) != self.source(root)
+                                                     or self.g.nodes[p].prim not in K.IDENTITY)):
+                return None  # only the statistic's own steps and casts of the root belong to the layer
             nodes.add(p)
             todo += [a for a in _ids(self.g.nodes[p]) if a in self.depends]
         return sorted(nodes)
