@@ -23,7 +23,7 @@ Selector = Union[str, Callable[[LayerInfo], bool]]
 DEFAULTS = {
     "dense": rules.epsilon(),
     "conv": rules.epsilon(),
-    "affine": rules.epsilon(),
+    "affine": rules.zero(),  # a diagonal map: the stabilizer only guards a x + b = 0
     "route": rules.gradient(),
     "sum": rules.norm(),
     "add": rules.norm(),
