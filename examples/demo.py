@@ -14,8 +14,10 @@ What it does:
 3. Scores each explanation by region perturbation (MoRF and LeRF AOPC, Samek et al. 2017), by
    localisation against the mask (relevance mass / rank accuracy, Arras et al. 2022) and by the model
    randomisation sanity check (rank correlation with the explanation of a model whose parameters were all
-   redrawn, Adebayo et al. 2018: high means the map ignores what the model learned), and writes
-   ``heatmaps.png``, ``curves.png`` and ``results.md`` into ``--out``.
+   redrawn, Adebayo et al. 2018: high means the map ignores what the model learned); then, with
+   :func:`jlrp.evaluation.evaluate`, by one or two metrics of every category of docs/evaluation.md
+   (faithfulness, robustness, localisation, complexity, randomisation, axiomatic) as a second table; and
+   writes ``heatmaps.png``, ``curves.png``, ``results.md`` and ``metrics.csv`` into ``--out``.
 4. Checks the claims the README makes (PASS/FAIL, with the numbers): on this model and seed, the MoRF AOPC
    of every LRP composite beats the gradient's, which beats random order; and the relevance mass accuracy
    of every LRP composite is more than twice the mask's area fraction (what random relevance scores).
@@ -233,6 +235,21 @@ def evaluate(logits: Callable, x: Array, y: Array, mask: np.ndarray, relevance: 
     }
 
 
+def category_metrics(args: argparse.Namespace) -> list[jlrp.evaluation.Metric]:
+    """The second table: one or two metrics of each category (definitions: docs/evaluation.md)."""
+    m = jlrp.evaluation.metric
+    return [
+        m("faithfulness_correlation", runs=args.faithfulness_runs, subset_size=224,
+          baseline="mean" if args.baseline == "blur" else args.baseline),  # subsets are scattered: no blur
+        m("deletion_auc"), m("insertion_auc"),
+        m("max_sensitivity", samples=args.sensitivity_samples, radius=0.1),
+        m("pointing_game"), m("mask_auc"),
+        m("sparseness"), m("complexity"),
+        m("random_logit"),
+        m("completeness"),
+    ]
+
+
 def check_claims(results: dict[str, dict[str, Any]]) -> list[tuple[bool, str]]:
     """The README's claims, each as (passed, line with the numbers). Only claims whose methods ran."""
     claims = []
@@ -307,7 +324,7 @@ def results_table(results: dict[str, dict[str, Any]]) -> str:
 
 
 def write_results(path: Path, args: argparse.Namespace, table: str, claims: list[tuple[bool, str]],
-                  info: dict[str, Any]) -> None:
+                  info: dict[str, Any], metrics_table: str = "") -> None:
     text = [
         "# jlrp demo results", "",
         f"Dataset `{args.dataset}` (seed {args.seed}): {info['n_train']} training images, "
@@ -322,6 +339,17 @@ def write_results(path: Path, args: argparse.Namespace, table: str, claims: list
         f"parameter redrawn; near 1 means the map does not depend on what the model learned (the random "
         f"baseline uses a fixed key and ignores the model: 1).", "",
         table, "",
+        "## By category", "",
+        f"`jlrp.evaluation.evaluate` on the same images and maps: faithfulness correlation (Bhatt et al. 2020; "
+        f"{args.faithfulness_runs} random subsets of 224 pixels replaced by the '{args.baseline}' baseline), "
+        f"deletion / insertion AUC of the class probability (Petsiuk et al. 2018; one image row per step, "
+        f"deletion to 0, insertion from a blurred copy), max-sensitivity (Yeh et al. 2019; "
+        f"{args.sensitivity_samples} copies uniform in an L-inf ball of radius 0.1, unnormalised), pointing "
+        f"game (Zhang et al. 2018) and mask AUC (ROC AUC of the map as a detector of the mask), sparseness "
+        f"(Gini of |R|) and complexity (entropy of |R|), random logit (SSIM between the maps of the label "
+        f"and of a random other class, Sixt et al. 2020), |completeness gap| (|sum R - (f(x) - f(0))| in "
+        f"logits, Sundararajan et al. 2017). Definitions and papers: docs/evaluation.md.", "",
+        metrics_table, "",
         "## Claims", "",
         *[f"- {'PASS' if ok else 'FAIL'}: {line}" for ok, line in claims], "",
         "## Timing", "",
@@ -335,7 +363,8 @@ def write_results(path: Path, args: argparse.Namespace, table: str, claims: list
 # ------------------------------------------------------------------------------------------------------
 
 #: --quick: enough to exercise every code path in seconds (the model is barely trained)
-QUICK = dict(train_size=400, steps=100, batch_size=8, n_test=200, ig_steps=8, rows=4)
+QUICK = dict(train_size=400, steps=100, batch_size=8, n_test=200, ig_steps=8, rows=4, sensitivity_samples=2,
+             faithfulness_runs=10)
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -356,6 +385,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--baseline", default="mean", choices=("mean", "zero", "blur"),
                    help="value that replaces a perturbed region ('mean' per image)")
     p.add_argument("--ig-steps", type=int, default=32, help="Integrated Gradients steps")
+    p.add_argument("--sensitivity-samples", type=int, default=10,
+                   help="perturbed copies re-explained per image for max-sensitivity")
+    p.add_argument("--faithfulness-runs", type=int, default=100,
+                   help="random subsets per image for the faithfulness correlation")
     p.add_argument("--rows", type=int, default=6, help="example images in heatmaps.png")
     p.add_argument("--scale", type=int, default=4, help="enlargement of the heatmap tiles")
     p.add_argument("--seed", type=int, default=0, help="seed of data, initialisation and the random baseline")
@@ -402,11 +435,12 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                   args.ig_steps)
     logits = jax.jit(ctx.logits)  # one function object: the curves' compiled programs are reused
 
-    relevance, results = {}, {}
+    relevance, results, explainers = {}, {}, {}
     t = time.perf_counter()
     for name in args.methods:
-        explain = jax.jit(METHODS[name].build(ctx))
-        relevance[name] = np.asarray(explain(x, y))
+        explainers[name] = jax.jit(METHODS[name].build(ctx))
+        relevance[name] = np.asarray(explainers[name](x, y))
+        print(f"  explained with {name} ({time.perf_counter() - t:.1f} s)", flush=True)
     timing["explaining (incl. compilation)"] = time.perf_counter() - t
     t = time.perf_counter()
     # the sanity check: the same methods on the model with every parameter redrawn (same scale per leaf)
@@ -417,12 +451,22 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                                  baseline=args.baseline)
         shuffled = jax.jit(METHODS[name].build(random_ctx))(x, y)
         results[name]["randomized"] = float(jlrp.evaluation.rank_correlation(relevance[name], shuffled).mean())
+        print(f"  perturbation curves, localisation, randomised model: {name} "
+              f"({time.perf_counter() - t:.1f} s)", flush=True)
     timing["evaluating"] = time.perf_counter() - t
+    t = time.perf_counter()
+    print("metrics by category (jlrp.evaluation.evaluate):", flush=True)
+    by_category = jlrp.evaluation.evaluate(
+        logits, explainers, [(x, y, mask)], metrics=category_metrics(args), key=jax.random.key(args.seed + 11),
+        progress=False, log=lambda line: print(line.replace("batch 0: ", ""), flush=True))
+    metrics_table = by_category.markdown()
+    timing["metrics by category"] = time.perf_counter() - t
 
     # --- outputs --------------------------------------------------------------------------------------
     args.out.mkdir(parents=True, exist_ok=True)
     paths = {"heatmaps": args.out / "heatmaps.png", "curves": args.out / "curves.png",
-             "results": args.out / "results.md"}
+             "results": args.out / "results.md", "metrics": args.out / "metrics.csv"}
+    paths["metrics"].write_text(by_category.csv())
     write_heatmaps(paths["heatmaps"], np.asarray(x), mask, np.asarray(y), relevance,
                    train_set.info["class_names"], args.rows, args.scale)
     write_curves(paths["curves"], results, args.region, args.baseline)
@@ -433,16 +477,18 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     n_regions = -(-x.shape[1] // args.region) * -(-x.shape[2] // args.region)
     info = dict(n_train=len(train_set), n_test=len(test_set), accuracy=accuracy, n_explained=len(chosen),
                 n_regions=n_regions, n_masked=int(mask.reshape(len(mask), -1).any(1).sum()), timing=timing)
-    write_results(paths["results"], args, table, claims, info)
+    write_results(paths["results"], args, table, claims, info, metrics_table)
 
     print(f"\nexplained {len(chosen)} correctly classified held-out images\n")
     print(table + "\n")
+    print(metrics_table + "\n")
     for ok, line in claims:
         print(f"{'PASS' if ok else 'FAIL'}: {line}")
     print("\n" + ", ".join(f"{k} {v:.1f} s" for k, v in timing.items()))
     for path in paths.values():
         print(f"wrote {path}")
-    return dict(results=results, claims=claims, paths=paths, accuracy=accuracy, timing=timing)
+    return dict(results=results, claims=claims, paths=paths, accuracy=accuracy, timing=timing,
+                metrics=by_category)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""The README's showcase (examples/demo.py) runs end to end with --quick settings and writes its three outputs."""
+"""The README's showcase (examples/demo.py) runs end to end with --quick settings and writes its four outputs."""
 import importlib.util
 import math
 import re
@@ -28,11 +28,11 @@ def run(demo, tmp_path_factory):
     return out, demo.main(["--quick", "--out", str(out)])
 
 
-def test_writes_the_three_files(run):
+def test_writes_the_four_files(run):
     out, result = run
-    for name in ("heatmaps.png", "curves.png", "results.md"):
+    for name in ("heatmaps.png", "curves.png", "results.md", "metrics.csv"):
         assert (out / name).is_file() and (out / name).stat().st_size > 0
-    assert {p.name for p in result["paths"].values()} == {"heatmaps.png", "curves.png", "results.md"}
+    assert {p.name for p in result["paths"].values()} == {"heatmaps.png", "curves.png", "results.md", "metrics.csv"}
 
 
 def test_heatmap_grid_has_a_tile_per_image_and_method(demo, run):
@@ -87,3 +87,24 @@ def test_random_baseline_scores_the_mask_area(demo):
     mass = np.asarray(jlrp.evaluation.relevance_mass_accuracy(relevance, ds.mask)).mean()
     area = np.asarray(jlrp.evaluation.mask_fraction(ds.mask)).mean()
     assert abs(mass - area) < 0.02
+
+
+def test_metrics_by_category_table(demo, run):
+    """The second table: a column per metric of every category, a row per method, finite numbers."""
+    out, result = run
+    text = (out / "results.md").read_text()
+    section = text.split("## By category")[1].split("## Claims")[0]
+    header = next(line for line in section.splitlines() if line.startswith("| method |"))
+    assert "faithfulness corr." in header and "max-sensitivity" in header and "random logit" in header
+    categories = next(line for line in section.splitlines() if line.startswith("| *category* |"))
+    for category in ("faithfulness", "robustness", "localisation", "complexity", "randomisation", "axiomatic"):
+        assert f"*{category}*" in categories
+    for name in demo.METHODS:
+        row = re.search(rf"^\| {name} \|(.*)\|$", section, re.M)
+        values = [float(v) for v in row.group(1).split("|")]
+        assert len(values) == len(demo.category_metrics(demo.parse_args(["--quick"])))
+        assert all(math.isfinite(v) for v in values), row.group(0)
+    means = result["metrics"].mean()
+    # the random baseline ignores the class: its maps for the label and another class are the same
+    assert means["random"]["random_logit"] == pytest.approx(1.0)
+    assert 0.0 <= means["gradient"]["pointing_game"] <= 1.0

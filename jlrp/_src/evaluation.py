@@ -23,7 +23,7 @@ from jlrp._src.targets import check_target, target_mask
 
 Array = jax.Array
 _ORDERS = ("morf", "lerf", "random")
-_BASELINES = ("mean", "zero", "blur", "uniform")
+_BASELINES = ("mean", "zero", "blur", "uniform", "min", "max")
 # default chunk: about 2**18 perturbed input values (1 MB in f32); on CPU smaller chunks ran faster than
 # all steps at once (the activations stay in cache), and memory stays bounded for large images
 _AUTO_CHUNK_VALUES = 2 ** 18
@@ -74,6 +74,9 @@ def _baseline(x: Array, baseline: str | float, region: tuple[int, int], key: Arr
         lo = x.min(axis=(1, 2, 3), keepdims=True)
         hi = x.max(axis=(1, 2, 3), keepdims=True)
         return jax.random.uniform(key, x.shape, x.dtype, lo, hi)
+    if baseline in ("min", "max"):  # per image over all values (Quantus's "black" / "white")
+        reduce = jnp.min if baseline == "min" else jnp.max
+        return jnp.broadcast_to(reduce(x, axis=(1, 2, 3), keepdims=True), x.shape)
     return jnp.full_like(x, baseline)
 
 
@@ -86,21 +89,29 @@ def _region_ranks(rel: Array, region: tuple[int, int], order: str, key: Array | 
     scores = padded.reshape(n, gh, rh, gw, rw).sum(axis=(2, 4)).reshape(n, gh * gw)
     if order == "random":
         scores = jax.random.uniform(key, scores.shape)
+    if order == "index":  # row-major region order (internal: infidelity's cumulative patches)
+        scores = -jnp.broadcast_to(jnp.arange(gh * gw, dtype=jnp.float32), scores.shape)
     # stable sort: equal scores keep region-index order, so the curve is deterministic
     perm = jnp.argsort(scores, axis=1, stable=True, descending=(order != "lerf"))
     ranks = jnp.argsort(perm, axis=1).reshape(n, gh, gw)  # inverse permutation: region -> position
     return jnp.repeat(jnp.repeat(ranks, rh, axis=1), rw, axis=2)[:, :h, :w]
 
 
-@functools.partial(jax.jit, static_argnames=("model_fn", "order", "region", "steps", "baseline", "chunk_size"))
-def _curve(model_fn, x, relevance, target, key, *, order, region, steps, baseline, chunk_size):
+@functools.partial(jax.jit, static_argnames=("model_fn", "order", "region", "steps", "baseline", "chunk_size",
+                                             "points", "insert"))
+def _curve(model_fn, x, relevance, target, key, base_array=None, *, order, region, steps, baseline, chunk_size,
+           points=None, insert=False):
     shape, n = x.shape, x.shape[0]
     (h, w, c), region = _layout(shape, region)
     xc = x.reshape(n, h, w, c)
     rel = relevance.reshape(n, h, w, -1).sum(-1)  # channels summed: pixels are ranked, not channels
     k_order, k_base = (None, None) if key is None else (jax.random.fold_in(key, 0), jax.random.fold_in(key, 1))
     ranks = _region_ranks(rel, region, order, k_order)
-    base = _baseline(xc, baseline, region, k_base)
+    base = base_array.reshape(xc.shape).astype(xc.dtype) if baseline == "array" else \
+        _baseline(xc, baseline, region, k_base)
+    # deletion: x^k = x with the first k regions replaced by the baseline; insertion (Petsiuk et al. 2018):
+    # the baseline with the first k regions of x put back
+    src, dst = (base, xc) if insert else (xc, base)
 
     out = jax.eval_shape(model_fn, x)
     if out.ndim == 1:  # one score per row (regression): nothing to select
@@ -110,18 +121,26 @@ def _curve(model_fn, x, relevance, target, key, *, order, region, steps, baselin
         select = target_mask(model_fn(x) if target is None else jnp.zeros(out.shape, out.dtype), target)
 
     def scores(ks):  # (s,) step indices -> (s, N) target scores
-        xk = jnp.where((ranks[None] < ks[:, None, None, None])[..., None], base[None], xc[None])
+        xk = jnp.where((ranks[None] < ks[:, None, None, None])[..., None], dst[None], src[None])
         # one model call on s*N rows: equivalent to vmap for row-independent models, and a plain batch
         logits = model_fn(xk.reshape(ks.shape[0] * n, *shape[1:])).reshape(ks.shape[0], n, -1)
         return jnp.where(select > 0, logits, 0).sum(-1)  # where, not *: inf in another class is no NaN
 
-    ks = jnp.arange(steps + 1)
-    size = steps + 1 if chunk_size is None else min(chunk_size, steps + 1)
-    full = (steps + 1) // size * size
-    parts = [_map_chunks(scores, ks[:full].reshape(-1, size))]
-    if full < steps + 1:  # the remainder chunk, evaluated once outside the scan
-        parts.append(scores(ks[full:]))
-    return jnp.concatenate(parts, axis=0).T
+    ks = jnp.arange(steps + 1) if points is None else jnp.asarray(points)
+    return map_chunked(scores, ks, chunk_size).T
+
+
+def map_chunked(fn: Callable[[Array], Array], ks: Array, chunk_size: int | None) -> Array:
+    """``fn`` on ``chunk_size`` entries of ``ks`` at a time (a ``lax.map`` over the full chunks, then the
+    remainder once), results concatenated on axis 0; ``chunk_size=None``: all of ``ks`` in one call.
+    Memory is bounded by one chunk, which is what every perturbation metric needs."""
+    total = ks.shape[0]
+    size = total if chunk_size is None else min(chunk_size, total)
+    full = total // size * size
+    parts = [_map_chunks(fn, ks[:full].reshape(-1, size, *ks.shape[1:]))]
+    if full < total:  # the remainder chunk, evaluated once outside the scan
+        parts.append(fn(ks[full:]))
+    return jnp.concatenate(parts, axis=0)
 
 
 def _map_chunks(fn: Callable[[Array], Array], chunks: Array) -> Array:
@@ -156,7 +175,9 @@ def perturbation_curve(model_fn: Callable[[Array], Array], x: Array, relevance: 
         Regions cut by the image border are smaller.
       steps: number of perturbation steps ``K``; default all regions.
       baseline: the replacement value: ``"mean"`` (per image and channel), ``"zero"``, ``"blur"`` (gaussian,
-        sigma = region side), ``"uniform"`` (noise in ``[min x, max x]`` per image, needs ``key``) or a float.
+        sigma = region side), ``"uniform"`` (noise in ``[min x, max x]`` per image, needs ``key``), ``"min"`` /
+        ``"max"`` (per image over all values: Quantus's "black" / "white"), a float, or an array shaped like
+        ``x`` (e.g. a blurred copy).
       key: PRNG key for ``order="random"`` and ``baseline="uniform"``.
       chunk_size: number of steps evaluated at once (memory holds ``chunk_size * N`` perturbed inputs and
         the model's activations for them); default: as many as fit in about 2**18 input values
@@ -172,8 +193,15 @@ def perturbation_curve(model_fn: Callable[[Array], Array], x: Array, relevance: 
         raise ValueError(f"relevance has shape {relevance.shape}, expected x's shape {x.shape}")
     if order not in _ORDERS:
         raise ValueError(f"order must be one of {_ORDERS}, got {order!r}")
-    if not (baseline in _BASELINES or isinstance(baseline, numbers.Real) and not isinstance(baseline, bool)):
-        raise ValueError(f"baseline must be one of {_BASELINES} or a number, got {baseline!r}")
+    base_array = None
+    if not isinstance(baseline, (str, numbers.Real)):  # an array: one replacement value per input value
+        base_array = jnp.asarray(baseline)
+        if base_array.shape != x.shape:
+            raise ValueError(f"a baseline array must have x's shape {x.shape}, got {base_array.shape}")
+        baseline = "array"
+    elif not (baseline in _BASELINES or isinstance(baseline, numbers.Real) and not isinstance(baseline, bool)):
+        raise ValueError(f"baseline must be one of {_BASELINES}, a number or an array shaped like x, "
+                         f"got {baseline!r}")
     if key is None and (order == "random" or baseline == "uniform"):
         raise ValueError("order='random' and baseline='uniform' need a PRNG key: pass key=")
     n_regions = -(-h // reg[0]) * -(-w // reg[1])
@@ -189,8 +217,9 @@ def perturbation_curve(model_fn: Callable[[Array], Array], x: Array, relevance: 
     if target is not None:
         target = jnp.asarray(target) if isinstance(target, jax.core.Tracer) else np.asarray(target)
         check_target(_out_shape(model_fn, x.shape, x.dtype), target)  # range checked here, while concrete
-    return _curve(model_fn, x, relevance, target, key, order=order, region=reg if x.ndim > 2 else reg[1],
-                  steps=steps, baseline=baseline if isinstance(baseline, str) else float(baseline),
+    return _curve(model_fn, x, relevance, target, key, base_array, order=order,
+                  region=reg if x.ndim > 2 else reg[1], steps=steps,
+                  baseline=baseline if isinstance(baseline, str) else float(baseline),
                   chunk_size=None if chunk_size is None else int(chunk_size))
 
 

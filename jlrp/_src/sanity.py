@@ -13,10 +13,10 @@ from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
-import jax.scipy.stats
 
 from .graph import Lit, flatten
-from .util import is_array, jit_arrays, partition
+from .metrics_common import rankdata
+from .util import is_array, partition
 
 Array = jax.Array
 
@@ -26,7 +26,7 @@ def rank_correlation(a: Array, b: Array) -> Array:
     their average rank. A constant map correlates 0 with anything; a map with a NaN gives NaN (a broken
     explanation must not pass for one that changed)."""
     a, b = (jnp.asarray(v).reshape(v.shape[0], -1) for v in (a, b))
-    ra, rb = (jax.vmap(jax.scipy.stats.rankdata)(v) for v in (a, b))
+    ra, rb = rankdata(a), rankdata(b)
     ra, rb = ra - ra.mean(1, keepdims=True), rb - rb.mean(1, keepdims=True)
     norm = jnp.sqrt((ra * ra).sum(1) * (rb * rb).sum(1))
     corr = jnp.where(norm > 0, (ra * rb).sum(1) / jnp.where(norm > 0, norm, 1), 0.0)
@@ -80,7 +80,7 @@ def randomize(params: Any, modules: str | Sequence[str], key: Array) -> Any:
     return jax.tree_util.tree_unflatten(treedef, out)
 
 
-def _default_order(explain: Callable, params: Any, x: Array) -> list[str]:
+def _default_order(explain: Callable, params: Any, x: Array, target: Any = None) -> list[str]:
     """Modules output first: those the explanation's forward pass combines with the input, in the reverse
     of the order it does so (the order in which the model calls its layers), then the modules it never
     combines with the input, in reverse flattening order. Found on the flattened jaxpr (through jit and
@@ -88,7 +88,8 @@ def _default_order(explain: Callable, params: Any, x: Array) -> list[str]:
     (folding BatchNorm, casting) does not count, as it may be hoisted."""
     values, rebuild, _ = partition(params)
     paths = [path for path, leaf in jax.tree_util.tree_leaves_with_path(params) if is_array(leaf)]  # same order
-    graph = flatten(jax.make_jaxpr(lambda values, x: explain(rebuild(values), x))(values, x))
+    call = (lambda p, x: explain(p, x)) if target is None else (lambda p, x: explain(p, x, target))
+    graph = flatten(jax.make_jaxpr(lambda values, x: call(rebuild(values), x))(values, x))
     from_params = {v: frozenset([_module(path)]) for path, leaf, v in zip(paths, values, graph.inputs)
                    if _is_float_array(leaf)}
     from_input = set(graph.inputs[len(values):])
@@ -106,24 +107,88 @@ def _default_order(explain: Callable, params: Any, x: Array) -> list[str]:
     return used + [m for m in reversed(_modules(params)) if m not in first]
 
 
-def parameter_randomization(explain: Callable[[Any, Array], Array], params: Any, x: Array, key: Array, *,
+def _leaf_draw(leaf: Array, key: Array) -> Array:
+    """A leaf redrawn from a normal with its own mean and standard deviation (``|draw|`` if all entries are
+    positive), as :func:`randomize` does."""
+    draw = leaf.mean() + leaf.std() * jax.random.normal(key, leaf.shape, leaf.dtype)
+    return jnp.where(leaf.min() > 0, jnp.abs(draw), draw)
+
+
+_PROGRAMS: dict = {}
+
+
+def _program(explain: Callable, rebuild: Callable, static_key: Any, full_index: tuple[int, ...],
+             smooth: int, with_target: bool) -> Callable:
+    """One jitted program for the whole check, cached per explanation function and parameter structure:
+    the parameters, the input, the key, the per-step selection of randomised leaves and the draws are traced
+    arguments, so neither another step nor another call (same shapes) compiles again."""
+    cache_key = (explain, static_key, full_index, smooth, with_target)
+    try:
+        if cache_key in _PROGRAMS:
+            return _PROGRAMS[cache_key]
+    except TypeError:  # unhashable static leaves: a program for this call only
+        cache_key = None
+
+    def explain_values(values, x, noise, target):
+        call = (lambda x: explain(rebuild(values), x)) if not with_target else \
+            (lambda x: explain(rebuild(values), x, target))
+        if noise is None:
+            return call(x)
+        # SmoothGrad-style denoising (sMPRT): the mean explanation over the noisy copies x + noise[s]
+        return jax.lax.map(lambda e: call(x + e), noise).mean(0)
+
+    @jax.jit
+    def mprt_program(values, x, key, steps, draws, noise, target):
+        if draws is None:
+            draws = [_leaf_draw(v, jax.random.fold_in(key, i)) if jnp.issubdtype(v.dtype, jnp.floating) else v
+                     for v, i in zip(values, full_index)]
+        reference = explain_values(values, x, noise, target)
+
+        def step(_, chosen):  # chosen: (L,) bool, which array leaves are randomised at this step
+            mixed = [jnp.where(c, d, v) for c, d, v in zip(chosen, draws, values)]
+            r = explain_values(mixed, x, noise, target)
+            return None, (rank_correlation(reference, r), rank_correlation(jnp.abs(reference), jnp.abs(r)))
+
+        _, (signed, absolute) = jax.lax.scan(step, None, steps)
+        return signed, absolute
+
+    if cache_key is not None:
+        _PROGRAMS[cache_key] = mprt_program
+    return mprt_program
+
+
+def parameter_randomization(explain: Callable[[Any, Array], Array], params: Any, x: Array, key: Array | None, *,
                             order: Sequence[str] | None = None, cascade: bool = True,
-                            skip: str | None = None) -> dict[str, Any]:
-    """Explanations of progressively randomised models compared with the trained model's.
+                            skip: str | None = None, draws: Any = None, smooth_samples: int = 0,
+                            smooth_noise: float = 0.1, target: Any = None) -> dict[str, Any]:
+    """Explanations of progressively randomised models compared with the trained model's (the model
+    parameter randomisation test, MPRT, of Adebayo et al. 2018, "Sanity checks for saliency maps").
+
+    The whole check is one jitted program (a ``lax.scan`` over the randomisation steps, parameters and
+    draws as traced arguments), cached per ``explain`` function object: it compiles once, and calling it
+    again with the same ``explain`` and parameter shapes does not compile at all.
 
     Args:
       explain: ``explain(params, x) -> relevance`` shaped like ``x`` (e.g.
-        ``lambda p, x: jlrp.lrp(model.apply, composite, argnums=1)(p, x, target=y)``); jitted here once
-        over the array leaves of ``params`` (non-array leaves such as functions stay as they are).
+        ``lambda p, x: jlrp.lrp(model.apply, composite, argnums=1)(p, x, target=y)``). Non-array leaves of
+        ``params`` (such as functions) stay as they are. Pass the same function object to reuse the program.
       params: the trained parameters (any pytree: linen variables, an NNX state, a dict).
       x: a batch of inputs.
-      key: PRNG key for the random parameters.
+      key: PRNG key for the random parameters (unused with ``draws``).
       order: module names to randomise, first to last (default: the modules the explanation's forward
         pass combines with the input, output layer first, i.e. the reverse of the model's call order;
         then any others). A module is a parameter's path without the leaf's name and without collection
         names (``Dense_0``, ``block/Dense_1``, ``layers/2``; ``''`` for a flat dict's leaves).
       cascade: randomise cumulatively (the output module, then also the next, ...) or one at a time.
       skip: a regex of modules to leave out of the default order.
+      draws: optional parameters shaped like ``params`` whose leaves replace the randomised ones (default:
+        each leaf redrawn as in :func:`randomize` from ``key``), e.g. another framework's random init.
+      target: optional; then ``explain(params, x, target)`` is called with it as a traced argument (so one
+        program serves every batch of a data set).
+      smooth_samples, smooth_noise: with ``smooth_samples > 0`` every explanation (trained and randomised)
+        is the mean over ``smooth_samples`` copies of ``x``: ``smooth_samples - 1`` with gaussian noise of
+        std ``smooth_noise * (max x - min x)`` per sample, and ``x`` itself (smooth MPRT, Hedström et al.
+        2023; :func:`jlrp.evaluation.smooth_mprt`). The same noise serves every step.
 
     Returns:
       ``{"modules": [...], "spearman": (steps, N), "spearman_abs": (steps, N)}``: per randomisation step
@@ -131,7 +196,7 @@ def parameter_randomization(explain: Callable[[Any, Array], Array], params: Any,
       model's. High values after the whole model is randomised flag an explanation as an artifact; for a
       faithful method they fall towards 0 as randomisation proceeds.
     """
-    names = list(order) if order is not None else [m for m in _default_order(explain, params, x)
+    names = list(order) if order is not None else [m for m in _default_order(explain, params, x, target)
                                                    if not (skip and re.search(skip, m))]
     unknown = sorted(set(names) - set(_modules(params)))
     if unknown:
@@ -139,12 +204,33 @@ def parameter_randomization(explain: Callable[[Any, Array], Array], params: Any,
     if not names:
         raise ValueError("parameter_randomization: no module to randomise (the parameters have no "
                          "floating-point arrays, or `skip` / `order` left none)")
-    explain = jit_arrays(explain)
-    reference = explain(params, x)
-    signed, absolute = [], []
+    if draws is None and key is None:
+        raise ValueError("parameter_randomization: pass key= (or draws=)")
+    values, rebuild, static_key = partition(params)
+    flat = jax.tree_util.tree_flatten_with_path(params)[0]
+    full_index = tuple(i for i, (_, leaf) in enumerate(flat) if is_array(leaf))
+    leaf_modules = [_module(path) if _is_float_array(leaf) else None for path, leaf in flat if is_array(leaf)]
+    steps = []
     for step in range(len(names)):
-        chosen = names[:step + 1] if cascade else [names[step]]
-        r = explain(randomize(params, chosen, key), x)  # one draw per leaf: cascades keep earlier draws
-        signed.append(rank_correlation(reference, r))
-        absolute.append(rank_correlation(jnp.abs(reference), jnp.abs(r)))
-    return {"modules": names, "spearman": jnp.stack(signed), "spearman_abs": jnp.stack(absolute)}
+        chosen = set(names[:step + 1] if cascade else [names[step]])
+        steps.append([m is not None and m in chosen for m in leaf_modules])
+    draw_values = None
+    if draws is not None:
+        draw_values, _, draw_key = partition(draws)
+        if len(draw_values) != len(values) or any(jnp.shape(a) != jnp.shape(b) for a, b in zip(draw_values, values)):
+            raise ValueError("draws must have the structure and leaf shapes of params")
+        draw_values = [jnp.asarray(d, jnp.asarray(v).dtype) for d, v in zip(draw_values, values)]
+    x = jnp.asarray(x)
+    noise = None
+    if smooth_samples:
+        if key is None:
+            raise ValueError("smooth_samples > 0 draws input noise: pass key=")
+        axes = tuple(range(1, x.ndim))
+        std = smooth_noise * (x.max(axes, keepdims=True) - x.min(axes, keepdims=True))
+        draw = jax.random.normal(jax.random.fold_in(key, -1 % 2 ** 31), (int(smooth_samples) - 1,) + x.shape, x.dtype)
+        noise = jnp.concatenate([draw * std[None], jnp.zeros((1,) + x.shape, x.dtype)])
+    run = _program(explain, rebuild, static_key, full_index, int(smooth_samples), target is not None)
+    key = jax.random.key(0) if key is None else key
+    signed, absolute = run([jnp.asarray(v) for v in values], x, key, jnp.asarray(steps, bool), draw_values, noise,
+                           None if target is None else jnp.asarray(target))
+    return {"modules": names, "spearman": signed, "spearman_abs": absolute}
