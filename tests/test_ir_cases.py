@@ -302,3 +302,109 @@ def test_rules_are_type_checked_where_they_enter():
         jlrp.Composite([("conv", "epsilon")])
     with pytest.raises(TypeError, match="jlrp rule"):
         jlrp.register_rule("sort", 1e-6)
+
+
+# ------------------------------------------------------------------------------------------------------
+# Found by the property suite (tests/test_properties.py) and the model zoo
+
+def test_relu_batchnorm_relu_keeps_the_batchnorm_a_layer():
+    # ReLU, per-channel affine map, ReLU: the affine map is a layer (its shift absorbs like a bias), not part
+    # of one activation region that passes relevance through unchanged
+    w1, w2, scale, shift = rnd(5, 6), rnd(6, 3), rnd(6), rnd(6)
+    f = lambda x: jax.nn.relu(jax.nn.relu(x @ w1) * scale + shift) @ w2
+    x = rnd(4, 5)
+    assert_close(jlrp.lrp(f, LRP0)(x, target=1), input_x_gradient(f, (x,), 0, 1)[0])
+    kinds = [l.info.kind for l in jlrp.report(f, LRP0)(x, target=1).layers]
+    assert kinds == ["dense", "activation", "affine", "activation", "dense"], kinds
+
+
+def test_tanh_gelu_stays_one_activation():
+    # the activation's own scalar constants (0.5 * (1 + tanh(.))) are no layer of their own
+    w1, w2 = rnd(5, 6), rnd(6, 3)
+    f = lambda x: jax.nn.gelu(x @ w1, approximate=True) @ w2
+    kinds = [l.info.kind for l in jlrp.report(f, LRP0)(rnd(4, 5), target=1).layers]
+    assert kinds == ["dense", "activation", "dense"], kinds
+
+
+def test_relevance_leaves_a_jitted_block_through_an_activation_output():
+    # a jitted block reading an activation's output: relevance must reach the layers before the block
+    w1, w2, w3 = rnd(5, 6), rnd(6, 6), rnd(6, 3)
+    block = jax.jit(lambda h: jax.nn.relu(h @ w2))
+    f = lambda x: block(jax.nn.relu(x @ w1)) @ w3
+    x = rnd(4, 5)
+    assert_close(jlrp.lrp(f, LRP0)(x, target=2), input_x_gradient(f, (x,), 0, 2)[0])
+
+
+def test_zero_pad_from_a_closed_over_constant_under_jit():
+    # the pad value is a traced constant when the explanation itself is jitted: no concrete value needed
+    k1, k2, w = rnd(3, 3, 2, 4), rnd(3, 3, 4, 4), rnd(4, 2)
+    zero = jnp.zeros(())
+
+    def f(x, zero):
+        h = jax.nn.relu(conv(x, k1))
+        h = jax.lax.pad(h, zero, [(0, 0, 0), (1, 1, 0), (1, 1, 0), (0, 0, 0)])
+        return jax.nn.relu(conv(h, k2, "VALID")).mean((1, 2)) @ w
+
+    x = rnd(2, 6, 6, 2)
+    eager = jlrp.lrp(f, LRP0, argnums=0)(x, zero, target=0)
+    jitted = jax.jit(lambda x, z: jlrp.lrp(f, LRP0, argnums=0)(x, z, target=0))(x, zero)
+    assert_close(jitted, eager, 1e-12)
+    assert_close(eager, input_x_gradient(f, (x, zero), 0, 0)[0])
+
+
+def test_normalisation_statistics_are_no_layers_and_jit_blocks_stay_bit_identical():
+    # LayerNorm's variance (here E[x^2] - E[x]^2, as Flax NNX writes it) only feeds constants: no layers
+    # for it; and an eagerly called jitted block computes exactly the model's values
+    w1, w2, scale, shift = rnd(5, 6), rnd(6, 3), rnd(6), rnd(6)
+
+    @jax.jit
+    def norm(h):
+        mean = h.mean(-1, keepdims=True)
+        var = jnp.maximum((h * h).mean(-1, keepdims=True) - mean ** 2, 0)
+        return jax.nn.relu((h - mean) * (jax.lax.rsqrt(var + 1e-5) * scale) + shift)
+
+    f = lambda x: norm(x @ w1) @ w2
+    x = rnd(4, 5)
+    report = jlrp.report(f)(x, target=0)
+    assert [l.info.kind for l in report.layers] == ["dense", "affine", "activation", "dense"]
+    assert np.array_equal(np.asarray(jlrp.transform(f, argnums=0)(x)), np.asarray(f(x)))
+
+
+def test_positions_computed_from_token_ids_carry_no_relevance():
+    # positions from cumsum(ids != pad) are constants: the token relevance equals that of the same model
+    # given the positions as a constant input
+    emb, pos, w = rnd(10, 6), rnd(6, 6), rnd(6, 3)
+    ids = jnp.array([[1, 2, 3, 0, 0], [4, 5, 6, 7, 8]])
+    positions = jnp.cumsum(ids != 0, axis=1)
+    f = lambda ids: jnp.tanh(emb[ids] + pos[jnp.cumsum(ids != 0, axis=1)]).sum(1) @ w
+    g = lambda ids: jnp.tanh(emb[ids] + pos[positions]).sum(1) @ w
+    explain = lambda fn: jlrp.lrp(fn, rules.epsilon())(ids, target=0)
+    assert_close(explain(f), explain(g), 1e-12)
+
+
+def test_token_ids_on_non_leading_axes_of_the_embedding():
+    # penzai names axes: an embedding written table.T[:, ids] has the ids' axes after the feature axis
+    emb, w = rnd(10, 6), rnd(6, 3)
+    ids = jnp.array([[1, 2, 3, 0, 0], [4, 5, 6, 7, 8]])
+    leading = lambda ids: jnp.einsum("ntd,dc->nc", jnp.tanh(emb[ids]), w)
+    trailing = lambda ids: jnp.einsum("dnt,dc->nc", jnp.tanh(emb.T[:, ids]), w)
+    r = jlrp.lrp(trailing, rules.epsilon())(ids, target=0)
+    assert r.shape == ids.shape
+    assert_close(r, jlrp.lrp(leading, rules.epsilon())(ids, target=0), 1e-12)
+
+
+def test_div_of_two_activations_scales_the_numerator():
+    # linear attention's normaliser: the denominator is a constant (like LayerNorm's std), so the layer is
+    # the numerator times 1/den; reference: input x gradient with the denominator detached
+    wq, w = rnd(6, 6), rnd(6, 3)
+
+    def f(x, detach=False):
+        q = jax.nn.relu(x @ wq)
+        den = q.sum(-1, keepdims=True) + 1.0
+        den = jax.lax.stop_gradient(den) if detach else den
+        return (x / den).sum(1) @ w
+
+    x = rnd(2, 5, 6)
+    report = jlrp.report(f, LRP0)(x, target=1)
+    assert "normaliser" in report.layers[-3].info.reason
+    assert_close(report.relevance, input_x_gradient(lambda x: f(x, True), (x,), 0, 1)[0])

@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.extend import core as jcore
@@ -86,7 +87,11 @@ class _Analysis:
                 self.consumers.setdefault(v, []).append(i)
             for v in node.outputs:
                 self.producer[v] = i
-            if not any(v in self.depends for v in ins):
+            # values computed from token ids other than token by token (positions by a cumsum) are constants:
+            # only embeddings of the ids themselves carry the ids' relevance
+            mixes_ids = node.prim not in K.PER_TOKEN | K.CONTROL | {K.WHILE} and not any(
+                v in self.active for v in ins)
+            if not any(v in self.depends for v in ins) or mixes_ids:
                 prov = frozenset().union(*(self.provenance.get(v, frozenset()) for v in ins))
                 self.provenance.update((v, prov) for v in node.outputs)
                 continue
@@ -110,6 +115,7 @@ class _Analysis:
         self.stat: dict[int, int] = {}  # statistic -> the source root it summarises
         self.linear_stat: set[int] = set()  # statistics linear in their root (means): part of affine maps
         self.affine: set[int] = set()  # region values affine in their root with constant coefficients
+        self.tail: set[int] = set()  # region values affine (constant coefficients) in a non-linear region value
         self.markers: dict[int, frozenset[str]] = {}
 
     # -- facts ----------------------------------------------------------------------------------------
@@ -319,13 +325,23 @@ class _Analysis:
         value = self.known_value(node.inputs[1])
         return p if value is not None and np.all(value == 0) else None
 
+    def scalar_like(self, a) -> bool:
+        """A constant with one value everywhere: a scalar, or a broadcast of one."""
+        while not isinstance(a, Lit) and np.prod(_shape(self.g, a)) > 1:
+            p = self.producer.get(a)
+            if p is None or self.g.nodes[p].prim not in K.RESHAPES | K.IDENTITY | {K.P.broadcast_in_dim_p}:
+                return False
+            a = self.g.nodes[p].inputs[0]
+        return isinstance(a, Lit) and np.size(a.val) == 1 or np.prod(_shape(self.g, a)) == 1
+
     def known_value(self, a, limit: int = 16):
         """The concrete value of a small constant (a literal, a closed-over array, or computed from those,
         e.g. ``convert_element_type(0)``), or None when it is not known before the program runs."""
-        if isinstance(a, Lit):
-            return np.asarray(a.val)
-        if a in self.g.consts:
-            return np.asarray(self.g.consts[a])
+        if isinstance(a, Lit) or a in self.g.consts:
+            try:  # a closed-over array is a tracer when the explanation itself is traced (jax.jit): unknown
+                return np.asarray(a.val if isinstance(a, Lit) else self.g.consts[a])
+            except jax.errors.TracerArrayConversionError:
+                return None
         p = self.producer.get(a)
         if p is None or limit == 0 or a in self.depends or int(np.prod(_shape(self.g, a))) > 16:
             return None
@@ -333,7 +349,8 @@ class _Analysis:
         vals = [self.known_value(v, limit - 1) for v in node.inputs]
         if any(v is None for v in vals):
             return None
-        return np.asarray(node.bind(*vals)[node.outputs.index(a)])
+        with jax.ensure_compile_time_eval():  # under an outer jax.jit too
+            return np.asarray(node.bind(*vals)[node.outputs.index(a)])
 
     def sum_layer(self, i: int, act: list[int], claimed: set[int]) -> _Proto:
         """A sum (pooling, reduction) and the scalar scales after it: average pooling is one layer, so the
@@ -367,6 +384,9 @@ class _Analysis:
                 self.root[v] = v  # BatchNorm then ReLU: the affine part ends here and becomes a layer
                 self.alias[v] = r
                 r = v
+            elif v in self.tail and not self.affine_step(node, v):
+                self.root[v] = v  # ReLU, BatchNorm, ReLU: the affine tail becomes a layer of its own
+                r = v
         r_shape, out = _shape(self.g, r), _shape(self.g, node.outputs[0])
         if len(r_shape) != len(out) or np.broadcast_shapes(r_shape, out) != out:
             return None
@@ -377,8 +397,14 @@ class _Analysis:
         stats = self.statistics_in(act)
         plain = [v for v in act if v not in stats]
         self.root[y] = r
-        if len(plain) == 1 and (plain[0] == r or plain[0] in self.affine) and self.affine_step(node, plain[0]):
-            self.affine.add(y)
+        if len(plain) == 1 and self.affine_step(node, plain[0]):
+            if plain[0] == r or plain[0] in self.affine:
+                self.affine.add(y)
+            elif plain[0] in self.tail or any(
+                    self.constant(a) and not self.scalar_like(a) for a in node.inputs):
+                # per-unit coefficients after a non-linearity (BatchNorm): a layer, not the activation's own
+                # scalar constants (tanh-GELU's 0.5 * (1 + tanh(.)) stays one activation)
+                self.tail.add(y)
         mark = frozenset().union(*(self.markers.get(v, frozenset()) for v in plain))
         if node.prim in K.EXP:
             mark |= {"exp"}
@@ -434,6 +460,11 @@ class _Analysis:
                     if len(act) == 1 and act[0] in self.markers:  # a transposed softmax is still attention
                         self.markers[outs[0]] = self.markers[act[0]]
                     continue
+            elif prim is K.DIV and len(act) == 2 and not isinstance(node.inputs[1], Lit):
+                # a / b of two explained values (linear attention's and SSMs' normalisers): the denominator
+                # is a normalising statistic, a constant like LayerNorm's std; relevance goes to a
+                proto = _Proto("affine", [i], [node.inputs[0]], outs[0], "div of two explained values: the "
+                               "denominator is a normaliser (a constant), the layer scales the numerator")
             elif prim in K.CONTROL:
                 proto = self.control_flow(i, act)
             else:
@@ -535,10 +566,28 @@ class _Analysis:
         return _Proto(node.prim.name, [i], act, outs[0] if outs else node.outputs[0],
                       f"{node.prim.name}: its body is rewritten recursively", body=bodies, flags=tuple(flags))
 
+    def _carrying(self, protos: list[_Proto]) -> list[_Proto]:
+        """The layers relevance can reach: a layer whose output only feeds statistics (LayerNorm's variance,
+        a softmax's sum: constants of the layers that read them) is no layer; its nodes run as they are."""
+        g, at = self.g, {p.nodes[-1]: p for p in protos}
+        inside = {n for p in protos for n in p.nodes}
+        live, kept = set(self.graph_outputs), set()
+        for i in reversed(range(len(g.nodes))):
+            p = at.get(i)
+            if p is not None:
+                if p.output in live or live.intersection(g.nodes[i].outputs):
+                    kept.add(id(p))
+                    live.update(p.inputs)
+            elif i not in inside and live.intersection(g.nodes[i].outputs):
+                live.update(self.active_inputs(g.nodes[i]))
+        return [p for p in protos if id(p) in kept]
+
     def finish(self, protos: list[_Proto], region_nodes: dict[int, int]) -> Plan:
         """Freeze the layers: consts, sign facts and LayerInfo (positions among dense/conv layers are
         numbered over the whole program, loop bodies included, by the tracer afterwards)."""
         g = self.g
+        protos = self._carrying(protos)
+        region_nodes = {i: r for i, r in region_nodes.items() if any(i in p.nodes for p in protos)}
         layers, emit_at = [], {}
         for k, p in enumerate(protos):
             head = g.nodes[p.view.head if p.view else p.nodes[0]]

@@ -191,21 +191,27 @@ def _token_relevance(ids, root_cts: list) -> jax.Array:
     shape = jnp.shape(ids)
     total = jnp.zeros(shape, jnp.result_type(*root_cts) if root_cts else jnp.float32)
     for ct in root_cts:
-        if ct.shape[:len(shape)] != shape:
+        # the ids' axes are consecutive in an embedding output ((N, T, D) or, e.g., penzai's (D, N, T))
+        starts = [k for k in range(ct.ndim - len(shape) + 1) if ct.shape[k:k + len(shape)] == shape]
+        if len(starts) != 1:
             raise ValueError(f"cannot map relevance at an embedding output of shape {ct.shape} back to token "
-                             f"ids of shape {shape}: explain the embedded sequence instead")
-        total = total + ct.reshape(shape + (-1,)).sum(-1)
+                             f"ids of shape {shape} ({'no' if not starts else 'more than one'} block of "
+                             f"consecutive axes matches): explain the embedded sequence instead")
+        k = starts[0]
+        total = total + jnp.sum(ct, axis=tuple(range(k)) + tuple(range(k + len(shape), ct.ndim)))
     return total
 
 
 def _explain(transformed: "_Transformed", args: tuple, kwargs: dict, target, relevance, single: bool,
-             report: bool, seed: str = "logit"):
+             report: bool, seed: str = "logit", gates: dict | None = None):
+    """``gates``: ``{layer index: mask}`` conditions on top-level layers' outputs (see :class:`Probes`)."""
     planned = transformed.plan(args, kwargs)
     plan = planned[0]
     nums = _normalise(args, transformed.argnums)
     probes = _layer_probes(plan) if report else Probes()
     probes.roots = {k: jnp.zeros(plan.graph.avals[v].shape, plan.graph.avals[v].dtype)
                     for k, v in enumerate(plan.roots)}
+    probes.gates = dict(gates or {})
 
     def f(xs, probes):  # the explained arguments are replaced by values of the same avals: same plan
         return transformed.run(planned, _replace(args, nums, xs), probes)

@@ -307,19 +307,26 @@ class LayerContext:
 # Running a plan
 
 
-def _emit(graph: Graph, layer: Layer, xs, consts, probe, steps, tap):
+def _emit(graph: Graph, layer: Layer, xs, consts, probe, steps, tap, known=None):
+    """The layer with its rule in the VJP. ``known``: its output as the model computed it (a region's exit,
+    already evaluated with stopped roots): returned as the forward value, so that a replay that computes it
+    another way (LayerNorm's mean recomputed inside the layer) cannot change the model's output by an ulp."""
     ctx = LayerContext(graph, layer, tuple(consts), steps)
     if tap is not None and layer.view is not None and not steps:
         tap(layer.info, xs[0], ctx.view(xs), ctx.replay(*xs))
     if layer.rule.native and probe is None:
-        return ctx.replay(*xs)
+        out = ctx.replay(*xs)
+        return out if known is None else _value_of(known, out)
+
+    def forward(xs, consts, known, steps):
+        return LayerContext(graph, layer, consts, steps).replay(*xs) if known is None else known
 
     @jax.custom_vjp
-    def f(xs, consts, probe, steps):
-        return LayerContext(graph, layer, consts, steps).replay(*xs)
+    def f(xs, consts, probe, steps, known):
+        return forward(xs, consts, known, steps)
 
-    def fwd(xs, consts, probe, steps):
-        out = LayerContext(graph, layer, consts, steps).replay(*xs)
+    def fwd(xs, consts, probe, steps, known):
+        out = forward(xs, consts, known, steps)
         return out, (xs, consts, out, steps)
 
     def bwd(res, relevance):
@@ -331,10 +338,39 @@ def _emit(graph: Graph, layer: Layer, xs, consts, probe, steps, tap):
             dtype = jnp.promote_types(relevance.dtype, jnp.float32)
             absorbed = jnp.sum(relevance.astype(dtype)) - sum(jnp.sum(r.astype(dtype)) for r in r_in)
         probe_ct = None if probe is None else (relevance, absorbed.astype(probe[1].dtype))
-        return r_in, jax.tree.map(_zero_cotangent, consts), probe_ct, jax.tree.map(_zero_cotangent, steps)
+        return (r_in, jax.tree.map(_zero_cotangent, consts), probe_ct, jax.tree.map(_zero_cotangent, steps),
+                None if known is None else jnp.zeros_like(known))
 
     f.defvjp(fwd, bwd)
-    return f(tuple(xs), tuple(consts), probe, tuple(steps))
+    return f(tuple(xs), tuple(consts), probe, tuple(steps), known)
+
+
+@jax.custom_jvp
+def _value_of(known, out):
+    """``known``'s value with ``out``'s derivative (``out`` computes the same values another way)."""
+    return known
+
+
+@_value_of.defjvp
+def _value_of_jvp(primals, tangents):
+    return primals[0], tangents[1]
+
+
+@jax.custom_vjp
+def _gate(y, mask):
+    """``y`` unchanged; the relevance flowing back through it is multiplied by ``mask`` (a condition)."""
+    return y
+
+
+def _gate_fwd(y, mask):
+    return y, mask
+
+
+def _gate_bwd(mask, relevance):
+    return (relevance * mask).astype(relevance.dtype), _zero_cotangent(mask)
+
+
+_gate.defvjp(_gate_fwd, _gate_bwd)
 
 
 def _control_flow(layer: Layer, node, vals: list, probes: list | None, steps: tuple, tap) -> list:
@@ -399,10 +435,11 @@ def run(plan: Plan, flat_args: list, probes: Probes | None = None, steps: tuple 
     env: dict[int, Any] = dict(zip(g.inputs, flat_args))
     env.update(g.consts)
     read = lambda a: a.val if isinstance(a, Lit) else env[a]
-    deferred = []
+    deferred, later = [], set()
     for i, node in enumerate(g.nodes):  # everything independent of the explained input, first
-        if any(v in plan.depends for v in node.inputs if not isinstance(v, Lit)):
+        if any(v in plan.depends or v in later for v in node.inputs if not isinstance(v, Lit)):
             deferred.append(i)
+            later.update(node.outputs)
         else:
             env.update(zip(node.outputs, node.bind(*map(read, node.inputs))))
     internal: dict[int, Any] = {}  # region values computed from stopped roots (non-differentiable)
@@ -441,15 +478,28 @@ def _block_io(plan: Plan, group: list[int]) -> tuple[list[int], list[int]]:
     return list(dict.fromkeys(reads)), sorted(produced)
 
 
+def _read_outside(plan: Plan, group: list[int]) -> set:
+    """Values read by nodes (and layers) outside ``group``, and the outputs."""
+    members, read = set(group), {v for v in plan.graph.outputs if not isinstance(v, Lit)}
+    for i, node in enumerate(plan.graph.nodes):
+        if i not in members:
+            read.update(_block_io(plan, [i])[0])
+    return read
+
+
 def _run_block(state, group: list[int], env: dict, internal: dict) -> None:
     plan = state[0]
     reads, produced = _block_io(plan, group)
+    # only what is read later leaves the block: more outputs would change XLA's fusion, hence the rounding
+    later = _read_outside(plan, group)
+    produced = [v for v in produced if v in later]
+    # a region's exit is in both: its layer's output in env (relevance flows), its stopped copy in internal
+    # (read by later nodes of the same region only)
     inside = [v for v in reads if v in internal]
-    outside = [v for v in reads if v in env and v not in internal]
+    outside = [v for v in reads if v in env]
 
     def block(outer, inner, probes):
         env_b, internal_b = dict(zip(outside, outer)), dict(zip(inside, inner))
-        env_b.update(internal_b)
         for i in group:
             _evaluate((plan, probes, (), None), i, env_b, internal_b)
         return ({v: env_b[v] for v in produced if v in env_b},
@@ -496,5 +546,8 @@ def _evaluate(state, i: int, env: dict, internal: dict) -> None:
     if layer is not None:
         # statistics an activation treats as constants (1/std, softmax's sum) must not carry relevance
         consts = [jax.lax.stop_gradient(env[v]) if v in plan.active else read(v) for v in layer.consts]
+        known = jax.lax.stop_gradient(internal[layer.output]) if layer.output in internal else None
         env[layer.output] = _emit(g, layer, [env[v] for v in layer.inputs], consts,
-                                  probes.layers.get(layer.info.index), steps, tap)
+                                  probes.layers.get(layer.info.index), steps, tap, known)
+        if layer.info.index in probes.gates:
+            env[layer.output] = _gate(env[layer.output], probes.gates[layer.info.index])

@@ -168,8 +168,11 @@ class Probes:
     one array per explained output); ``bodies[index]``: one :class:`Probes` per body of a control-flow layer
     (inside a scan stacked over its steps); ``inits[index]``: ``{operand position: zeros}`` for a scan's
     constant initial carries that its body explains; ``roots[k]``: zeros added to the k-th embedding root
-    (the relevance of explained token ids is read there)."""
+    (the relevance of explained token ids is read there); ``gates[index]``: a mask (broadcastable to the
+    layer's output) that multiplies the relevance arriving at a top-level layer's output before its rule
+    runs (conditional relevance, CRP); the forward is unchanged."""
     layers: dict = dataclasses.field(default_factory=dict)
     bodies: dict = dataclasses.field(default_factory=dict)
     inits: dict = dataclasses.field(default_factory=dict)
     roots: dict = dataclasses.field(default_factory=dict)
+    gates: dict = dataclasses.field(default_factory=dict)

@@ -61,6 +61,11 @@ STRUCTURAL = IDENTITY | RESHAPES | _public(
     "broadcast_in_dim", "rev", "slice", "dynamic_slice", "gather", "concatenate", "pad", "dynamic_update_slice",
     "scatter_add", "scatter", "real", "select_n", "max", "min", "clamp") | _internal(
     "split", "stack", "unstack", "tile")
+#: Integer and boolean elementwise ops: with STRUCTURAL and ELEMENTWISE, what keeps a value of token ids a
+#: value of each token on its own (``ids != pad``, a one-hot, a gather from a table); a cumsum does not.
+PER_TOKEN = ELEMENTWISE | STRUCTURAL | _public(
+    "eq", "ne", "lt", "le", "gt", "ge", "and", "or", "not", "xor", "shift_left", "shift_right_logical",
+    "shift_right_arithmetic", "population_count", "clz")
 CONTROL = _public("scan", "cond", "remat")
 NONNEG_PRESERVING = RESHAPES | IDENTITY | _public(
     "broadcast_in_dim", "slice", "dynamic_slice", "gather", "rev", "reduce_max", "reduce_min",
