@@ -14,7 +14,7 @@ from .composites import Composite, as_composite, gradient_composite
 from .interpreter import Tracer, constant_inits, control_outputs, dynamic_leaves, run
 from .graph import Lit
 from .layers import LayerInfo, Probes
-from .util import is_array
+from .util import as_function, is_array
 from .targets import initial_relevance, target_mask, warn_if_ambiguous
 
 
@@ -130,6 +130,7 @@ def transform(fn: Callable, composite: Composite | Any = None, *,
     propagate relevance with the composite's rules. It composes with ``jax.jit``, ``jax.vmap`` and sharding.
     """
     _check_fn(fn, "jlrp.transform")
+    fn = as_function(fn)
     return _Transformed(fn, as_composite(composite), _argnums_tuple(argnums), explicit=argnums is not None)
 
 
@@ -175,6 +176,7 @@ def lrp(fn: Callable, composite: Composite | Any = None, *, argnums: int | Seque
     floating-point values computed from the ids) and summed over the embedding axis, so it has the ids' shape.
     """
     _check_fn(fn, "jlrp.lrp")
+    fn = as_function(fn)
     _check_keywords(fn)
     transformed = transform(fn, composite, argnums=argnums)
     single = not isinstance(argnums, (tuple, list))
@@ -343,6 +345,7 @@ def report(fn: Callable, composite: Composite | Any = None, *,
     ops and max pooling conserve relevance. The report is a pytree: it works under ``jax.jit``/``jax.vmap``.
     """
     _check_fn(fn, "jlrp.report")
+    fn = as_function(fn)
     _check_keywords(fn)
     transformed = transform(fn, composite, argnums=argnums)
     single = not isinstance(argnums, (tuple, list))
@@ -357,6 +360,7 @@ def report(fn: Callable, composite: Composite | Any = None, *,
 def _modified_gradient(activation_rule, name: str, doc: str):
     def method(fn: Callable, *, argnums: int | Sequence[int] | None = None) -> Callable:
         _check_fn(fn, name)
+        fn = as_function(fn)
         _check_keywords(fn)
         transformed = transform(fn, gradient_composite(activation_rule, name), argnums=argnums)
         single = not isinstance(argnums, (tuple, list))

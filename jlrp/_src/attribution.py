@@ -33,6 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jlrp._src.targets import initial_relevance, target_mask, warn_if_ambiguous
+from jlrp._src.util import as_function
 
 __all__ = ["gradient", "input_x_gradient", "smoothgrad", "integrated_gradients", "occlusion"]
 
@@ -112,6 +113,7 @@ def _weights(out: jax.Array, x: Any, target: Any, relevance: Any) -> jax.Array:
 def _bind(fn: Callable, args: tuple, argnums: int, output: str) -> tuple[Any, Callable[[Any], jax.Array]]:
     """Split args into the explained input x and ``f(x) -> transformed output`` (other args bound)."""
     argnums %= len(args)
+    fn = as_function(fn)
 
     def f(x: Any) -> jax.Array:
         return _transform(fn(*args[:argnums], x, *args[argnums + 1:]), output)

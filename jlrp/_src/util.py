@@ -1,10 +1,12 @@
 """Small helpers: array leaves of pytrees, and jit / eval_shape over them (non-array leaves static)."""
 from __future__ import annotations
 
+import sys
 from typing import Any, Callable
 
 import jax
 import numpy as np
+from jax.extend.core import jaxpr_as_fun
 
 
 def is_array(leaf: Any) -> bool:
@@ -50,3 +52,26 @@ def eval_shape_arrays(fn: Callable, *args) -> Any:
     """``jax.eval_shape(fn, *args)`` for arguments with non-array leaves (kept as they are)."""
     values, rebuild, _ = partition(args)
     return jax.eval_shape(lambda values: fn(*rebuild(values)), values)
+
+
+def as_function(fn: Any) -> Any:
+    """A Flax NNX module becomes a pure function of its call arguments (its state: the one it has now).
+
+    NNX refuses to mix Variables and values of different trace levels (``nnx.scan`` under ``jax.grad``:
+    "different trace level"), so the module is traced to a jaxpr with its state and the arguments all as
+    inputs of one trace, and that jaxpr is what gets called (and differentiated). Anything else is returned
+    as it is."""
+    nnx = sys.modules.get("flax.nnx")  # a user with an NNX module has imported it; jlrp does not need to
+    if nnx is None or not isinstance(fn, nnx.Module):
+        return fn
+    graphdef, state = nnx.split(fn)
+
+    def call(*args, **kwargs):
+        def pure(state, args):
+            return nnx.merge(graphdef, state)(*args, **kwargs)
+        closed, shape = jax.make_jaxpr(pure, return_shape=True)(state, args)
+        out = jaxpr_as_fun(closed)(*jax.tree_util.tree_leaves((state, args)))
+        return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(shape), out)
+
+    call.__name__ = type(fn).__name__
+    return call
