@@ -48,3 +48,18 @@ def test_nnx_module_with_scan_gradient_and_lrp():
     assert float(jnp.abs(lrp0(x, target=0) - reference).max()) <= 1e-12 * float(jnp.abs(reference).max())
     jitted = jax.jit(lambda x: jlrp.lrp(model)(x, target=0))(x)
     assert float(jnp.abs(jitted - jlrp.lrp(model)(x, target=0)).max()) <= 1e-12
+
+
+def test_selectors_match_the_same_layers_on_a_module_and_its_split_state():
+    import pytest
+    model = ScannedNet(nnx.Rngs(0))
+    graphdef, state = nnx.split(model)
+    x = jax.random.normal(jax.random.key(1), (4, 6))
+    composite = jlrp.Composite([(jlrp.param_path("head/*"), jlrp.rules.gamma(0.5))], "head-gamma")
+    on_module = jlrp.report(model, composite)(x, target=0)
+    on_state = jlrp.report(lambda s, x: nnx.merge(graphdef, s)(x), composite, argnums=1)(state, x, target=0)
+    rules = lambda report: [(l.info.kind, l.rule, l.info.params) for l in report.layers]
+    assert rules(on_module) == rules(on_state)
+    assert any("gamma" in rule for _, rule, _ in rules(on_module))
+    with pytest.warns(UserWarning, match="matches no layer"):
+        jlrp.lrp(model, jlrp.Composite([(jlrp.param_path("hed/*"), jlrp.rules.gamma())], "typo"))(x, target=0)

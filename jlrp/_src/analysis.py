@@ -68,7 +68,8 @@ class _Proto:
 
 
 class _Analysis:
-    def __init__(self, graph: Graph, explained: list[bool], input_paths: list[str], scope: str = ""):
+    def __init__(self, graph: Graph, explained: list[bool], input_paths: list[str], scope: str = "",
+                 const_paths: dict | None = None):
         self.g = graph
         self.scope = scope
         inputs = [v for v, e in zip(graph.inputs, explained) if e]
@@ -76,7 +77,10 @@ class _Analysis:
         self.active = {v for v in inputs if _inexact(graph.avals[v])}
         self.from_ids = {v for v in inputs if not _inexact(graph.avals[v])}  # explained integer inputs
         self.roots: list[int] = []
-        self.provenance: dict[int, frozenset[str]] = {v: frozenset() for v in graph.consts}
+        const_paths = const_paths or {}  # id(closed-over array) -> its path (an NNX module's state)
+        self.provenance: dict[int, frozenset[str]] = {
+            v: frozenset([const_paths[id(c)]]) if id(c) in const_paths else frozenset()
+            for v, c in graph.consts.items()}
         for v, p in zip(graph.inputs, input_paths):
             self.provenance[v] = frozenset([p]) if p else frozenset()
         self.producer: dict[int, int] = {}

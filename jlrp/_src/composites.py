@@ -11,7 +11,11 @@ from __future__ import annotations
 import dataclasses
 import fnmatch
 import re
+import warnings
 from typing import Callable, Sequence, Union
+
+import jax
+import jax.numpy as jnp
 
 from . import rules
 from .analysis import REGISTRY
@@ -65,17 +69,23 @@ def param_path(pattern: str, *, regex: bool = False) -> Callable[[LayerInfo], bo
     """
     if regex:
         compiled = re.compile(pattern)
-        return lambda layer: any(compiled.search(p) for p in layer.params)
-    return lambda layer: any(fnmatch.fnmatchcase(p, pattern) for p in layer.params)
+        select = lambda layer: any(compiled.search(p) for p in layer.params)
+    else:
+        select = lambda layer: any(fnmatch.fnmatchcase(p, pattern) for p in layer.params)
+    select.pattern = f"param_path({pattern!r})"  # a pattern that matches no layer is warned about
+    return select
 
 
 def module_path(pattern: str, *, regex: bool = False) -> Callable[[LayerInfo], bool]:
     """Select layers by module path (Flax linen's name stack, e.g. 'CNN/Conv_0'); glob or regex."""
     if regex:
         compiled = re.compile(pattern)
-        return lambda layer: bool(compiled.search(layer.module))
-    return lambda layer: fnmatch.fnmatchcase(layer.module, pattern) or fnmatch.fnmatchcase(
-        layer.module, "*/" + pattern)
+        select = lambda layer: bool(compiled.search(layer.module))
+    else:
+        select = lambda layer: fnmatch.fnmatchcase(layer.module, pattern) or fnmatch.fnmatchcase(
+            layer.module, "*/" + pattern)
+    select.pattern = f"module_path({pattern!r})"
+    return select
 
 
 @dataclasses.dataclass(frozen=True)
@@ -101,7 +111,21 @@ class Composite:
         for selector, candidate in self.entries:
             if _match(selector, layer):
                 rule = candidate
+        while isinstance(rule, rules.PerLayer):  # chosen per layer (and per step inside scans)
+            rule = rule.fn(layer)
+            check_rule(rule, f"the rule {rule!r} chosen for layer {layer.index} ({layer.kind})")
         return rule
+
+    def warn_unmatched(self, infos: list[LayerInfo]) -> None:
+        """Warn about path selectors that match none of ``infos`` (a misspelt or stale parameter path)."""
+        for selector, _ in self.entries:
+            pattern = getattr(selector, "pattern", None)
+            if pattern is not None and not any(selector(info) for info in infos):
+                example = next((p for info in infos for p in info.params), None) or next(
+                    (info.module for info in infos if info.module), "none")
+                warnings.warn(f"jlrp: {pattern} in composite {self.name!r} matches no layer of this model "
+                              f"(a layer's parameter path or module looks like {example!r}); its rule is "
+                              f"not used", stacklevel=4)
 
     def __repr__(self) -> str:
         return self.name
@@ -196,3 +220,77 @@ def gradient_composite(activation_rule: rules.AnyRule, name: str) -> Composite:
     """Ordinary gradients through every layer except ReLUs (DeconvNet / Guided BackProp modify only those,
     as Zennit and Captum do: casts, normalisations and other activations keep their gradient)."""
     return Composite([("*", rules.gradient()), (lambda layer: layer.relu_like, activation_rule)], name)
+
+
+# --------------------------------------------------------------------------------------------------------
+# Transformers: AttnLRP (Achtibat et al., ICML 2024; its implementation LXT) and CP-LRP (Ali et al., ICML 2022)
+
+def _transformer(product: rules.AnyRule, epsilon: float, linear: rules.AnyRule | None, name: str) -> Composite:
+    return Composite([
+        ("linear", linear or rules.epsilon(epsilon)),  # dense / conv: the epsilon rule, the bias absorbs
+        ("affine", rules.scaling(rules.zero())),  # RMSNorm / L2 norm: identity (1/rms constant); LayerNorm:
+        # LRP-0 on the centring (std constant, the bias absorbs); additive position embeddings: LRP-0 (absorbs)
+        ("add", rules.norm(epsilon)),  # residual adds: the epsilon rule over the sum
+        ("sum", rules.norm(epsilon)),  # means, pooling
+        ("product", product),
+        ("activation", rules.softmax()),  # softmax: x * (R - s sum R); every other activation: identity
+    ], name)
+
+
+def attnlrp(epsilon: float = 1e-6) -> Composite:
+    """AttnLRP (Achtibat et al. 2024), rule for rule as LXT implements it.
+
+    * dense layers: epsilon (the bias absorbs its share); residual adds and means: epsilon over the sum;
+    * softmax: ``R_in = x * (R - s * sum(R))`` (masked, non-finite logits get 0); other activations
+      (GELU, SiLU, tanh, ...): identity;
+    * products of two activations (``q k^T``, ``A v``, SwiGLU / GeGLU / sigmoid gates): the epsilon-normalised
+      bilinear rule split evenly (``rules.uniform(gates=False)``); ``x * f(x)`` written out is an activation;
+    * RMSNorm, L2 normalisation and other pure scalings: identity (their 1/rms is constant); LayerNorm: only
+      its standard deviation constant, the centring a linear map with LRP-0 (the bias absorbs); additive
+      position / segment embeddings: LRP-0 over the sum (the position embedding absorbs its share)
+      (``rules.scaling(rules.zero())``). LXT differentiates these with the statistics detached: LRP-0.
+
+    Relevance then equals input x gradient of the model with AttnLRP's gradient patches (identity on
+    activations, gradients / 4 at q and k and / 2 at v and gates, norm statistics detached) as eps -> 0.
+    ``epsilon`` is the stabilizer of dense layers, sums and products (sign-aware: ``z + eps * sign(z)``).
+    """
+    return _transformer(rules.uniform(epsilon, gates=False), epsilon, None, "attnlrp")
+
+
+def cp_lrp(epsilon: float = 1e-6) -> Composite:
+    """CP-LRP (Ali et al. 2022) as LXT implements it: :func:`attnlrp` with attention weights and gates held
+    constant (``rules.cp()``): relevance flows only through the values, and in gated MLPs (SwiGLU, GeGLU,
+    sigmoid gates) only through the non-gate branch, which receives all of it."""
+    return _transformer(rules.cp(epsilon), epsilon, None, "cp_lrp")
+
+
+def vit(gamma: float | Callable[[LayerInfo], float] = 0.25, epsilon: float = 1e-6) -> Composite:
+    """The ViT recipe of AttnLRP: CP-LRP inside attention and the gamma rule on every dense and conv layer
+    (the patch embedding included). ``gamma`` is one value or a function of the layer's :class:`LayerInfo`
+    to tune it per layer (e.g. ``lambda info: 1.0 if info.kind == "conv" else 0.1``, or by
+    ``info.linear_index``); a layer given gamma 0 gets the epsilon rule."""
+    def rule(value: float) -> rules.AnyRule:
+        return rules.gamma(value, epsilon) if value else rules.epsilon(epsilon)
+
+    linear = rules.PerLayer(lambda info: rule(float(gamma(info))), "gamma(per layer)") if callable(gamma) \
+        else rule(gamma)
+    return _transformer(rules.cp(epsilon), epsilon, linear, "vit")
+
+
+def top_units(relevance, k: int, *, unit_axis: int = -1):
+    """Latent attribution: the relevance of every unit of a layer and the ``k`` most relevant units per
+    example. ``relevance`` is a layer's relevance from :func:`jlrp.report` (``report.layers[i].relevance``,
+    e.g. a residual add's output (batch, tokens, width) or an MLP's hidden layer), with the batch on axis 0
+    and units on ``unit_axis``; every other axis (tokens, pixels) is summed.
+
+    Returns ``(per_unit, values, indices)``: shapes (batch, units), (batch, k), (batch, k); the top-k by
+    signed relevance (evidence for the explained output), largest first.
+    """
+    r = jnp.moveaxis(jnp.asarray(relevance), unit_axis, -1)
+    if r.ndim < 2:
+        raise ValueError(f"top_units needs a batch axis and a unit axis, got relevance of shape {r.shape}")
+    per_unit = r.reshape(r.shape[0], -1, r.shape[-1]).sum(1)
+    if not 0 < k <= per_unit.shape[-1]:
+        raise ValueError(f"k={k} must lie in [1, {per_unit.shape[-1]}] (the layer has {per_unit.shape[-1]} units)")
+    values, indices = jax.lax.top_k(per_unit, k)
+    return per_unit, values, indices

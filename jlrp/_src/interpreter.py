@@ -73,7 +73,8 @@ class Tracer:
         closed, out_shape = jax.make_jaxpr(flat_fn, return_shape=True)(*avals)
         self.trace_count += 1
         analysed = _Analysis(flatten(closed), [e for e, d in zip(explained, dynamic) if d],
-                             [p for p, d in zip(paths, dynamic) if d]).run()
+                             [p for p, d in zip(paths, dynamic) if d],
+                             const_paths=getattr(self.fn, "param_paths", {})).run()
         plan = dataclasses.replace(assign_rules(analysed, self.composite), dynamic=tuple(dynamic))
         result = (plan, jax.tree_util.tree_structure(out_shape))
         if key is not None and not any(isinstance(c, jax.core.Tracer) for c in closed.consts):
@@ -172,9 +173,13 @@ def assign_rules(plan: Plan, composite) -> Plan:
                 table = np.array([distinct.index(r) for r in rules_by_step], np.int32).reshape(pos.lengths)
                 rule = PerStep(tuple(distinct), table)
             layers.append(dataclasses.replace(layer, info=first, rule=rule, body=body))
+            seen.append(first)
         return p.with_layers(layers)
 
-    return assign(plan)
+    seen: list = []
+    assigned = assign(plan)
+    composite.warn_unmatched(seen)
+    return assigned
 
 
 # -------------------------------------------------------------------------------------------------------

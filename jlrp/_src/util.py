@@ -74,4 +74,8 @@ def as_function(fn: Any) -> Any:
         return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(shape), out)
 
     call.__name__ = type(fn).__name__
+    # the state's arrays are constants of the traced model: their paths, as if the state were an argument
+    # (so that param_path selectors match the same layers either way)
+    call.param_paths = {id(leaf): jax.tree_util.keystr(path, simple=True, separator="/")
+                        for path, leaf in jax.tree_util.tree_flatten_with_path(state)[0]}
     return call
