@@ -176,6 +176,20 @@ def test_sharded_batch_equals_single_device():
         sharded = explain(params, xs, target=ts)
         assert len(sharded.sharding.device_set) == 4, sharded.sharding
         np.testing.assert_allclose(np.asarray(sharded), np.asarray(single), rtol=1e-12, atol=1e-14)
+        # inside jax.shard_map (varying and replicated values mixed; the gamma rule's modified weights too)
+        for composite in (jlrp.composites.epsilon_plus_flat(), jlrp.composites.epsilon_alpha2_beta1()):
+            lrp = jlrp.lrp(model.apply, composite, argnums=1)
+            inside = jax.jit(jax.shard_map(lambda p, x, t: lrp(p, x, target=t), mesh=mesh,
+                                           in_specs=(P(), P("batch"), P("batch")), out_specs=P("batch")))
+            np.testing.assert_allclose(np.asarray(inside(params, xs, ts)),
+                                       np.asarray(lrp(params, x, target=targets)), rtol=1e-12, atol=1e-14)
+        try:  # z^B's bounds are replicated values: a clear error, never relevance summed over devices
+            lrp = jlrp.lrp(model.apply, jlrp.composites.epsilon_gamma_box(-3.0, 3.0), argnums=1)
+            jax.jit(jax.shard_map(lambda p, x, t: lrp(p, x, target=t), mesh=mesh,
+                                  in_specs=(P(), P("batch"), P("batch")), out_specs=P("batch")))(params, xs, ts)
+            raise SystemExit("z^B inside shard_map ran")
+        except NotImplementedError as error:
+            assert "shard_map" in str(error)
         print("SHARDED-OK")
     """) % os.path.dirname(__file__)
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4")

@@ -25,10 +25,25 @@ from .util import is_array
 # Tracing and its cache
 
 
+def _varying_over(a) -> frozenset:
+    manual = getattr(jax.typeof(a), "manual_axis_type", None)
+    return frozenset(manual.varying) if manual is not None else frozenset()
+
+
+def _varying_like(w, x):
+    """``w`` cast to vary over the mesh axes ``x`` varies over inside ``jax.shard_map`` (a rule's modified
+    weight is made from replicated values; JAX requires both operands of an op to agree)."""
+    missing = _varying_over(x) - _varying_over(w)
+    return jax.lax.pcast(w, tuple(sorted(missing)), to="varying") if missing else w
+
+
 def _aval_of(leaf) -> Any:
     aval = jax.typeof(leaf)
+    # inside jax.shard_map a value carries the mesh axes it varies over: tracing with them makes JAX insert
+    # the casts (pvary) that the traced program needs when it mixes varying and replicated values
+    manual = getattr(aval, "manual_axis_type", None)
     return jax.ShapeDtypeStruct(aval.shape, aval.dtype, sharding=getattr(aval, "sharding", None),
-                                weak_type=aval.weak_type)
+                                weak_type=aval.weak_type, **({"manual_axis_type": manual} if manual else {}))
 
 
 class Tracer:
@@ -292,6 +307,13 @@ class LayerContext:
         pos = view.position
 
         def op(x, w):  # computes in x's dtype (the rule's compute dtype)
+            w = _varying_like(w, x)
+            if _varying_over(w) - _varying_over(x):  # casting x here would psum its cotangent over devices
+                raise NotImplementedError(
+                    f"inside jax.shard_map, a rule of layer {self.layer.info.index} ({self.layer.info.kind}) "
+                    f"feeds a value replicated over the mesh axes {sorted(_varying_over(w) - _varying_over(x))} "
+                    f"(e.g. z^B's bounds) into a per-device layer. Explain under jax.jit with sharded inputs "
+                    f"instead (jlrp shards a batch without shard_map), or use a rule without constant inputs")
             if pad is not None:
                 x = pad.prim.bind(x, jnp.zeros((), x.dtype), **pad.prim.get_bind_params(pad.params))
             out = head.bind(*((x, w) if pos == 0 else (w, x)), dtype=x.dtype)[0]
