@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from . import primitives as K
 from .geometry import weight_unit_axes
 
 Array = jax.Array
@@ -258,7 +259,7 @@ def propagate(rule: Rule, op: Callable[..., Array], xs: Sequence[Array], weight:
                 w_k = None if weight is None else jax.tree.map(term.weight, weight)
                 z_k, pullback = jax.vjp(lambda *a, w_k=w_k: op(*a, w_k), *x_k)
             if reuse and term.weight == _identity and all(m == _identity for m in mods):
-                z_k = z if bias is None else z - bias  # the layer's own output, already computed
+                z_k = _without_bias(z, bias)  # the layer's own output, already computed
             terms.append(term)
             outs.append(z_k)
             pullbacks.append(pullback)
@@ -276,6 +277,14 @@ def propagate(rule: Rule, op: Callable[..., Array], xs: Sequence[Array], weight:
                 r_in[i] = r_in[i] + (term.sign / degree) * x * ct
         explained = explained + jnp.sum(signal * x_part)
     return tuple(r_in), jnp.sum(relevance) - explained
+
+
+def _without_bias(z, bias):
+    """``op(x; W)`` recovered from the layer's output ``z = op(x; W) + b``. Where the bias is infinite (an
+    additive -inf attention mask) ``z - b`` is NaN; the term is 0 there (its denominator is infinite anyway)."""
+    if bias is None:
+        return z
+    return jnp.where(jnp.isfinite(bias), z - bias, 0.0)
 
 
 def _unit_axes(op, xs, weight, z) -> tuple[tuple[int, ...], tuple[int, ...]] | None:
@@ -353,7 +362,7 @@ def _propagate_shared(rule: Rule, plan, op, x, weight, bias, relevance, z, reuse
 
     def forward(pair):
         if pair not in cache:
-            cache[pair] = (z if bias is None else z - bias) if reuse and pair == (0, 0) else \
+            cache[pair] = _without_bias(z, bias) if reuse and pair == (0, 0) else \
                 op(inputs[pair[0]], weights[pair[1]])
         return cache[pair]
 
@@ -464,13 +473,85 @@ def gradient() -> Native:
     return Native()
 
 
+# ---------------------------------------------------------------------------------------------------------
+# What an explained operand is, read from the graph (gates, self-gated activations, softmax axes)
+
+def _producers(graph) -> dict:
+    return {v: node for node in graph.nodes for v in node.outputs}
+
+
+_ROUTING = K.STRUCTURAL - K.ELEMENTWISE | K.STOP_GRADIENT
+_NONLINEAR = K.ELEMENTWISE - K.AFFINE - {K.P.select_n_p}
+
+
+class _Upstream:
+    """The elementwise and routing steps that computed a value, back to the nearest linear layers, sums
+    or inputs, without entering statistics (values derived from full reductions: a norm's 1/std)."""
+
+    def __init__(self, graph):
+        self.producer = _producers(graph)
+        self._stat: dict[int, bool] = {}
+
+    def _node(self, v):
+        node = self.producer.get(v)
+        return node if node is not None and (node.prim in K.ELEMENTWISE or node.prim in _ROUTING) else None
+
+    def statistic(self, v) -> bool:
+        if v not in self._stat:
+            self._stat[v] = False  # cycles cannot occur in a jaxpr; this only guards re-entry
+            node = self.producer.get(v)
+            if node is not None and node.prim in K.REDUCTIONS:
+                self._stat[v] = True
+            elif self._node(v) is not None:
+                flags = [self.statistic(a) for a in node.inputs if not hasattr(a, "val")]
+                self._stat[v] = bool(flags) and all(flags)  # an input or parameter is not a statistic
+        return self._stat[v]
+
+    def walk(self, v) -> tuple[set, set]:
+        """(values, primitives) upstream of ``v`` through elementwise and routing steps."""
+        values, prims, todo = set(), set(), [v]
+        while todo:
+            w = todo.pop()
+            if w in values or self.statistic(w):
+                continue
+            values.add(w)
+            node = self._node(w)
+            if node is not None:
+                prims.add(node.prim)
+                todo += [a for a in node.inputs if not hasattr(a, "val")]
+        return values, prims
+
+
+def operand_roles(context) -> tuple[str, ...]:
+    """Per explained operand of a product layer: its origin ('softmax' for attention weights, 'sigmoid' for
+    a sigmoid gate), 'activation' for the output of another elementwise non-linearity (the gate branch of
+    SwiGLU / GeGLU), 'self' for a factor computed from another operand (``x * f(x)``: gelu, silu written
+    out, which is one activation, not a product of two), else ''."""
+    layer = context.layer
+    up = _Upstream(context.graph)
+    walks = [up.walk(v) for v in layer.inputs]
+    roles = []
+    for k, (values, prims) in enumerate(walks):
+        origin = layer.origins[k] if k < len(layer.origins) else ""
+        if any(j != k and v in values for j, v in enumerate(layer.inputs)):
+            roles.append("self")
+        elif origin:
+            roles.append(origin)
+        else:
+            roles.append("activation" if prims & _NONLINEAR else "")
+    return tuple(roles)
+
+
 @dataclasses.dataclass(frozen=True)
 class Product(RuleBase):
-    """Rule for a product of activations: operands whose origin is in ``constant`` are treated as constants
-    (they get no relevance); the others share it uniformly (epsilon rule divided by their number).
+    """Rule for a product of activations: operands whose role is in ``constant`` are treated as constants
+    (they get no relevance); the others share it uniformly (the epsilon rule divided by their number).
 
-    Origins: 'sigmoid' (a gate), 'softmax' (attention weights), '' (anything else). When every operand
-    or none would be constant, all share uniformly.
+    Roles (:func:`operand_roles`): 'softmax' (attention weights), 'sigmoid' (a sigmoid gate), 'activation'
+    (another non-linearity's output: SwiGLU's / GeGLU's gate branch), '' (anything else). A factor computed
+    from the other one (``x * f(x)``, an activation written out) is always constant: the identity rule on
+    the activation (relevance passes to ``x`` unchanged). When every operand or none would be constant,
+    all share uniformly.
     """
     name: str
     constant: frozenset[str] = frozenset()
@@ -480,11 +561,16 @@ class Product(RuleBase):
         return self.name
 
     def backward(self, context, xs, out, relevance):
-        """Constant-origin operands get nothing; the others share by the epsilon rule over the product."""
-        origins = context.layer.origins
-        live = [k for k, o in enumerate(origins) if o not in self.constant]
-        if not live or len(live) == len(xs):
-            live = list(range(len(xs)))
+        """Constant operands get nothing; the others share by the epsilon rule over the product."""
+        roles = operand_roles(context) if len(xs) > 1 else ("",)
+        signal = [k for k, o in enumerate(roles) if o != "self"]
+        if len(signal) == 1 and len(xs) > 1:  # x * f(x): an activation, the identity rule
+            r_in = [jnp.zeros_like(x) for x in xs]
+            r_in[signal[0]] = _reduce_to(relevance, xs[signal[0]]).astype(xs[signal[0]].dtype)
+            return tuple(r_in), None
+        live = [k for k in signal if roles[k] not in self.constant]
+        if not live or len(live) == len(signal):
+            live = signal or list(range(len(xs)))
 
         def op(*a):
             full = [x.astype(a[0].dtype) for x in xs]
@@ -493,12 +579,101 @@ class Product(RuleBase):
             return context.replay(*full, dtype=a[0].dtype)
 
         degree = sum(context.multiplicity(k) for k in live)  # x . x counts twice
-        r_live, _ = propagate(epsilon(self.stabilizer), op, [xs[k] for k in live], None, None, relevance, out,
-                              degree)
+        # keep the output for the denominator only when it is smaller than the factors (A v); recompute it
+        # when it is larger (q k^T: the T x T scores) or cheap (a gate): the memory of the gradient, not more
+        elementwise = context.graph.nodes[context.layer.nodes[0]].prim is K.MUL
+        reuse = out.size < max(x.size for x in xs) and not elementwise
+        r_live, absorbed = propagate(epsilon(self.stabilizer), op, [xs[k] for k in live], None, None, relevance,
+                                     out, degree, z_is_op=reuse)
         r_in = [jnp.zeros_like(x) for x in xs]
         for k, r in zip(live, r_live):
             r_in[k] = r
-        return tuple(r_in), None
+        return tuple(r_in), absorbed
+
+
+@dataclasses.dataclass(frozen=True)
+class Scaling(RuleBase):
+    """Affine layers: the identity where the map only scales its input (RMSNorm, L2 normalisation, a constant
+    1/sqrt(d): its coefficients are constants or statistics, it has no offset), ``other`` where it has an offset
+    or a centring (LayerNorm, an additive position embedding), other kinds of layer ``other`` too."""
+    other: RuleBase
+    name: str = "scaling"
+
+    def __repr__(self) -> str:
+        return f"{self.name}({self.other!r})"
+
+    def backward(self, context, xs, out, relevance):
+        layer = context.layer
+        if layer.kind == "affine" and not layer.mixing and len(xs) == 1 and all(
+                context.graph.nodes[n].prim in _SCALING for n in layer.nodes):
+            return (_reduce_to(relevance, xs[0]).astype(xs[0].dtype),), None
+        return self.other.backward(context, xs, out, relevance)
+
+
+_SCALING = {K.MUL, K.DIV, K.NEG} | K.IDENTITY
+
+
+def softmax_axes(context) -> tuple[int, ...] | None:
+    """The axes a softmax layer normalises over (those of the sum its output is divided by), or None when the
+    layer is not a softmax (no exp, or no normalising sum among its constants)."""
+    graph, layer = context.graph, context.layer
+    if layer.kind != "activation" or not any(graph.nodes[n].prim in K.EXP for n in layer.nodes):
+        return None
+    producer, out_ndim = _producers(graph), graph.avals[layer.output].ndim
+    axes, todo, seen = set(), list(layer.consts), set()
+    while todo:
+        v = todo.pop()
+        node = producer.get(v)
+        if v in seen or node is None:
+            continue
+        seen.add(v)
+        if node.prim is K.P.reduce_sum_p:
+            operand = node.inputs[0]
+            if hasattr(operand, "val") or graph.avals[operand].ndim != out_ndim:
+                raise ValueError(f"a softmax normalised by a sum over a value of another rank than its output "
+                                 f"({graph.avals[operand].shape} vs {graph.avals[layer.output].shape}): jlrp "
+                                 f"cannot tell its axes; register a rule for this layer instead")
+            axes.update(int(a) for a in node.params["axes"])
+        elif node.prim in K.ELEMENTWISE or node.prim in _ROUTING:
+            todo += [a for a in node.inputs if not hasattr(a, "val")]
+    return tuple(sorted(axes)) or None
+
+
+@dataclasses.dataclass(frozen=True)
+class Softmax(RuleBase):
+    """AttnLRP's softmax rule (Achtibat et al. 2024, Prop. 3.1: a Taylor decomposition at x with the bias
+    absorbed): ``R_in = x * (R - s * sum(R))`` over the softmax axes, with masked (non-finite) logits taken
+    as 0. ``x`` is the layer's input (the logits after scaling and masking), ``s`` its output. Activation
+    layers that are not a softmax get ``other`` (the identity rule by default)."""
+    other: RuleBase = Pass()
+    name: str = "softmax"
+
+    def __repr__(self) -> str:
+        return self.name
+
+    def backward(self, context, xs, out, relevance):
+        axes = softmax_axes(context)
+        if axes is None:
+            return self.other.backward(context, xs, out, relevance)
+        dtype = jnp.promote_types(relevance.dtype, jnp.float32)
+        x, s, r = (a.astype(dtype) for a in (xs[0], out, relevance))
+        x = jnp.where(jnp.isfinite(x), x, 0.0)
+        r_in = x * (r - s * jnp.sum(r, axis=axes, keepdims=True))
+        return (_reduce_to(r_in, xs[0]),), None  # absorbed (the Taylor bias): measured
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class PerLayer(RuleBase):
+    """A rule chosen per layer: a composite resolves it to ``fn(info)`` for each layer's
+    :class:`~jlrp.LayerInfo` (inside a scan, for each step), e.g. a gamma tuned per layer."""
+    fn: Callable[[Any], RuleBase]
+    name: str = "per-layer"
+
+    def __repr__(self) -> str:
+        return self.name
+
+    def backward(self, context, xs, out, relevance):
+        raise TypeError(f"{self!r} is resolved by a Composite: use it as a composite entry's rule")
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -533,19 +708,32 @@ def _with_absorbed(result, relevance, xs):
 
 
 def uniform(stabilizer: float = 1e-6, *, gates: bool = True) -> Product:
-    """Products of n activations (q.k, attention.v): each factor gets 1/n of the relevance (AttnLRP).
+    """Products of n activations (q.k, attention.v, SwiGLU): each factor gets 1/n of the relevance (AttnLRP).
 
     With ``gates=True`` a sigmoid gate times a signal (LSTM, GRU, GLU) gives all relevance to the signal
-    and none to the gate (the LSTM-LRP convention); ``gates=False`` splits those uniformly too.
+    and none to the gate (the LSTM-LRP convention); ``gates=False`` splits those uniformly too (AttnLRP).
     """
     return Product("uniform" if gates else "uniform(gates=False)",
                    frozenset({"sigmoid"}) if gates else frozenset(), stabilizer)
 
 
 def cp(stabilizer: float = 1e-6) -> Product:
-    """Conservative propagation (CP-LRP, Ali et al. 2022): attention weights (softmax outputs) and gates are
-    constants, so relevance flows only along the value path."""
-    return Product("cp", frozenset({"sigmoid", "softmax"}), stabilizer)
+    """Conservative propagation (CP-LRP, Ali et al. 2022): attention weights (softmax outputs) and gates
+    (sigmoid gates, the activated branch of SwiGLU / GeGLU) are constants, so relevance flows only along
+    the value path and the non-gate branch."""
+    return Product("cp", frozenset({"sigmoid", "softmax", "activation"}), stabilizer)
+
+
+def scaling(other: RuleBase | None = None) -> Scaling:
+    """Affine layers: the identity on pure scalings (RMSNorm, L2 normalisation: AttnLRP's identity rule), and
+    ``other`` (default LRP-0, :func:`zero`) on maps with an offset or a centring (LayerNorm, positions)."""
+    return Scaling(zero() if other is None else other)
+
+
+def softmax(other: RuleBase | None = None) -> Softmax:
+    """AttnLRP's softmax rule ``R_in = x * (R - s * sum(R))`` on softmax layers; ``other`` (default: the
+    identity rule :func:`pass_`) on every other activation layer."""
+    return Softmax(Pass() if other is None else other)
 
 
 def _positive_part(forward, xs, out, relevance):
