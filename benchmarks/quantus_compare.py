@@ -20,9 +20,14 @@ with ``normalise=False`` and ``abs=False`` and gets the same maps as jlrp (|R| w
 takes it). The maps for the ranking metrics are the gradient plus N(0, 1e-6) noise, so that no two pixels
 tie (numpy's unstable argsort and jlrp's index order would break ties differently).
 
-Speed: float32 models (as Quantus predicts in float32), the work listed in issue 14, each measured
-``--repeats`` times after one warm-up call for jlrp (its compile time is reported separately); medians and
-the ratio Quantus / jlrp. The randomisation test's compilations are counted from JAX's compile log.
+Speed: float32 models (as Quantus predicts in float32), the work listed in issue 14, measured in ``--repeats``
+interleaved rounds (Quantus, jlrp, and the bare model calls each side must make: torch forward passes or
+gradients on batches of 64 as Quantus calls them, and the same rows through the jitted JAX model in jlrp's
+chunks) after a warm-up of each; medians, the ratio Quantus / jlrp, and the bound Quantus / XLA model calls
+(the speed-up a jlrp without any overhead would reach). jlrp's first call (compilation included) and the
+programs it compiles are reported from JAX's compile log. The 1-minute load average is recorded: on a shared
+machine torch's OpenMP threads slow down far more under load than XLA's thread pool, so ratios measured under
+load overstate jlrp's advantage.
 Results go to ``--out`` (results.md, results.json), never into the repository.
 """
 from __future__ import annotations
@@ -31,6 +36,7 @@ import argparse
 import copy
 import json
 import logging
+import os
 import re
 import statistics
 import time
@@ -47,6 +53,7 @@ import torch  # noqa: E402
 
 import jlrp  # noqa: E402
 from jlrp import evaluation as E  # noqa: E402
+from jlrp._src.metrics_common import auto_chunk  # noqa: E402
 
 N_CLASSES = 4
 
@@ -124,7 +131,8 @@ class Replay:
 
 
 def nchw(a):
-    """Channels first, as a copy: Quantus changes some inputs in place (Sparseness adds 1e-7 to a_batch)."""
+    """Channels first, as a copy: Quantus changes some inputs in place (Sparseness adds 1e-7 to a_batch,
+    Complexity normalises it)."""
     return np.array(np.moveaxis(np.asarray(a), -1, 1), copy=True)
 
 
@@ -239,7 +247,10 @@ def compare_numbers(x, y, mask, params) -> list[dict]:
         E.relevance_mass_accuracy(a_abs, mask))
     add("relevance rank accuracy", "", quantus.RelevanceRankAccuracy(**plain)(**loc),
         E.relevance_rank_accuracy(maps, mask))
-    cx = lambda: dict(common, a_batch=nchw(a_abs))  # a fresh copy per call: Sparseness adds 1e-7 in place
+    # a fresh copy per call: Quantus changes a_batch in place (Sparseness adds 1e-7, Complexity divides it by
+    # its sum); one shared array made effective complexity and non-sensitivity differ by 9 counts and
+    # complexity by 2.7e-5 in an earlier run (docs/evaluation.md)
+    cx = lambda: dict(common, a_batch=nchw(a_abs))
     add("sparseness", "|R|, eps 1e-7", quantus.Sparseness(**plain)(**cx()), E.sparseness(a_abs, eps=1e-7))
     add("complexity", "|R|, eps 1e-12", quantus.Complexity(**plain)(**cx()), E.complexity(a_abs, eps=1e-12))
     add("effective complexity", "|R|, eps 1e-5", quantus.EffectiveComplexity(eps=1e-5, **plain)(**cx()),
@@ -293,16 +304,48 @@ class CompileLog(logging.Handler):
             self.names.append(match.group(1))
 
 
-def timed(fn, repeats):
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        jax.block_until_ready(fn())
-        times.append(time.perf_counter() - t)
-    return statistics.median(times), times
+def _call(fn):
+    t = time.perf_counter()
+    jax.block_until_ready(fn())
+    return time.perf_counter() - t
 
 
-def compare_speed(x, y, params, repeats) -> list[dict]:
+def xla_model_calls(fn, x, y, calls, copies):
+    """The model (or explanation) calls jlrp's program makes, and nothing else: ``calls`` batches of
+    ``len(x)`` rows, ``copies`` batches per call (jlrp's chunk), each a different input (so XLA cannot hoist
+    the call out of the loop), in one jitted program."""
+    n_chunks, rest = divmod(calls, copies)
+    xb = jnp.asarray(np.tile(x, (copies,) + (1,) * (x.ndim - 1)))
+    yb = jnp.asarray(np.tile(y, copies))
+
+    @jax.jit
+    def run(xb, yb):
+        out = jax.lax.map(lambda i: fn(xb + i.astype(xb.dtype) * 1e-3, yb).sum(), jnp.arange(n_chunks))
+        if rest:
+            out = out.sum() + fn(xb[:rest * len(x)], yb[:rest * len(x)]).sum()
+        return out
+
+    jax.block_until_ready(run(xb, yb))  # compile
+    return lambda: run(xb, yb)
+
+
+def torch_model_calls(net, x, y, calls, grad):
+    """The torch model calls Quantus makes, and nothing else: ``calls`` forward passes (``grad``: gradient
+    explanations via :func:`torch_gradient`) on batches of ``len(x)`` rows."""
+    xt = nchw(x)
+
+    def run():
+        for i in range(calls):
+            xi = xt + i * 1e-3
+            if grad:
+                torch_gradient(net, xi, y)
+            else:
+                with torch.no_grad():
+                    net(torch.from_numpy(xi))
+    return run
+
+
+def compare_speed(x, y, params, repeats, only="") -> list[dict]:
     x32 = x.astype(np.float32)
     p32 = jax.tree.map(lambda v: np.asarray(v, np.float32), params)
     net = TorchNet(params, torch.float32).eval()
@@ -312,46 +355,72 @@ def compare_speed(x, y, params, repeats) -> list[dict]:
     maps = np.asarray(explain(x32, y))
     common = dict(model=net, x_batch=nchw(x32), y_batch=y, a_batch=nchw(maps), channel_first=True, device="cpu",
                   batch_size=len(x), explain_func=torch_gradient)
-    plain = dict(normalise=False, abs=False, disable_warnings=True)
+    plain = dict(normalise=False, abs=False, disable_warnings=True, display_progressbar=False)
     explain_p = lambda p, v: jlrp.gradient(jax_model, argnums=1)(p, v, target=y)
     key = jax.random.key(0)
+    n = len(x)
+    copies = auto_chunk(x32.size, None)  # copies of the batch per model call in jlrp's programs (default chunk)
+    fwd = lambda v, t: model(v)
+    flops_fwd = jax.jit(lambda v: jax_model(p32, v)).lower(x32).compile().cost_analysis()["flops"] / n
+    flops_grad = jax.jit(lambda v: grad(v, target=y)).lower(x32).compile().cost_analysis()["flops"] / n
+    # name: (Quantus call, its warm-up (the same code on fewer steps), jlrp call, model calls of 64 images both
+    # make, forward (False) or gradient (True), jlrp's copies per call)
     work = {
         "region perturbation 4x4 (64 regions, MoRF)": (
-            lambda: quantus.RegionPerturbation(patch_size=4, regions_evaluation=64, perturb_baseline="black",
-                                               **plain)(**common),
-            lambda: E.perturbation_curve(model, x32, maps, y, region=4, baseline="min")),
+            lambda k=64: quantus.RegionPerturbation(patch_size=4, regions_evaluation=k, perturb_baseline="black",
+                                                    **plain)(**common, softmax=False),
+            lambda: E.perturbation_curve(model, x32, maps, y, region=4, baseline="min"), 1 + 64, False, copies),
         "faithfulness correlation (100 x 224 px)": (
-            lambda: quantus.FaithfulnessCorrelation(nr_runs=100, subset_size=224, perturb_baseline="black",
-                                                    return_aggregate=False, **plain)(**common),
-            lambda: E.faithfulness_correlation(model, x32, maps, y, key=key, baseline="min")),
+            lambda k=100: quantus.FaithfulnessCorrelation(nr_runs=k, subset_size=224, perturb_baseline="black",
+                                                          return_aggregate=False, **plain)(**common, softmax=False),
+            lambda: E.faithfulness_correlation(model, x32, maps, y, key=key, baseline="min"), 1 + 100, False, copies),
         "max-sensitivity (200 samples)": (
-            lambda: quantus.MaxSensitivity(nr_samples=200, **plain)(**common),
-            lambda: E.max_sensitivity(explain, x32, y, maps, key=key, normalise=True)),
+            lambda k=200: quantus.MaxSensitivity(nr_samples=k, **plain)(**common),
+            lambda: E.max_sensitivity(explain, x32, y, maps, key=key, normalise=True), 200, True, copies),
         "randomisation test (MPRT, 3 layers)": (
-            lambda: quantus.MPRT(layer_order="top_down", abs=True, normalise=False, disable_warnings=True)(
-                **common),
-            lambda: E.parameter_randomization(explain_p, p32, x32, key, order=["dense", "conv1", "conv0"])),
+            lambda _=None: quantus.MPRT(layer_order="top_down", abs=True, normalise=False, disable_warnings=True,
+                                        display_progressbar=False)(**common),
+            lambda: E.parameter_randomization(explain_p, p32, x32, key, order=["dense", "conv1", "conv0"]),
+            1 + 3, True, 1),
     }
     log = CompileLog()
     logging.getLogger("jax._src.dispatch").addHandler(log)
     rows = []
-    for name, (q_fn, j_fn) in work.items():
+    for name, (q_fn, j_fn, calls, is_grad, chunk) in work.items():
+        if only not in name:
+            continue
         jax.config.update("jax_log_compiles", True)
         log.names.clear()
-        t = time.perf_counter()
-        jax.block_until_ready(j_fn())  # warm-up: compiles
-        first = time.perf_counter() - t
+        first = _call(j_fn)  # jlrp's first call: compiles (the programs it compiles are counted)
         warm_compiles = list(log.names)
-        j_med, j_times = timed(j_fn, repeats)
-        later_compiles = list(log.names[len(warm_compiles):])
         jax.config.update("jax_log_compiles", False)
-        q_med, q_times = timed(q_fn, max(1, repeats // 2 + 1))
-        rows.append(dict(work=name, quantus_s=q_med, jlrp_s=j_med, ratio=q_med / j_med, jlrp_first_call_s=first,
-                         quantus_times=q_times, jlrp_times=j_times, compiles_first_call=len(warm_compiles),
-                         programs_first_call=sorted(set(warm_compiles)), compiles_later_calls=len(later_compiles)))
-        print(f"  {name:44s} quantus {q_med:8.3f} s   jlrp {j_med:8.4f} s   x{q_med / j_med:7.1f}   "
-              f"(jlrp first call {first:.2f} s, {len(warm_compiles)} compilations, later calls "
-              f"{len(later_compiles)})", flush=True)
+        q_fn(2)  # Quantus's warm-up on 2 steps (torch's first calls of a shape are slow)
+        xla = xla_model_calls(explain if is_grad else fwd, x32, y, calls, chunk)
+        torch_floor = torch_model_calls(net, x32, y, calls, is_grad)
+        torch_floor()
+        jax.config.update("jax_log_compiles", True)
+        log.names.clear()
+        times = {"quantus": [], "jlrp": [], "torch_calls": [], "xla_calls": []}
+        for _ in range(repeats):  # interleaved, so that load from other processes hits every side alike
+            times["jlrp"].append(_call(j_fn))
+            times["quantus"].append(_call(q_fn))
+            times["xla_calls"].append(_call(xla))
+            times["torch_calls"].append(_call(torch_floor))
+        later_compiles = [c for c in log.names if c != "run"]
+        load = os.getloadavg()[0]
+        jax.config.update("jax_log_compiles", False)
+        med = {k: statistics.median(v) for k, v in times.items()}
+        gflop = calls * n * (flops_grad if is_grad else flops_fwd) / 1e9
+        rows.append(dict(work=name, quantus_s=med["quantus"], jlrp_s=med["jlrp"], ratio=med["quantus"] / med["jlrp"],
+                         jlrp_first_call_s=first, compiles_first_call=len(warm_compiles),
+                         programs_first_call=sorted(set(warm_compiles)), compiles_later_calls=len(later_compiles),
+                         model_calls=f"{calls} x {n} {'gradients' if is_grad else 'forward passes'}", gflop=gflop,
+                         torch_calls_s=med["torch_calls"], xla_calls_s=med["xla_calls"],
+                         bound=med["quantus"] / med["xla_calls"], load=load, times=times))
+        print(f"  {name:44s} quantus {med['quantus']:8.3f} s   jlrp {med['jlrp']:8.4f} s   x{rows[-1]['ratio']:6.2f}  "
+              f"(first call {first:.2f} s, {len(warm_compiles)} compilation(s) {sorted(set(warm_compiles))}, later "
+              f"{len(later_compiles)}); model calls alone: torch {med['torch_calls']:.3f} s, XLA "
+              f"{med['xla_calls']:.3f} s ({gflop:.1f} GFLOP)", flush=True)
     logging.getLogger("jax._src.dispatch").removeHandler(log)
     return rows
 
@@ -359,11 +428,13 @@ def compare_speed(x, y, params, repeats) -> list[dict]:
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", type=Path, default=Path("/tmp/quantus-compare"), help="results folder")
-    p.add_argument("--repeats", type=int, default=5, help="timed calls per jlrp metric (Quantus: half + 1)")
+    p.add_argument("--repeats", type=int, default=3, help="timed rounds per metric (Quantus, jlrp, model calls)")
     p.add_argument("--skip-equality", action="store_true")
     p.add_argument("--skip-speed", action="store_true")
+    p.add_argument("--only", default="", help="speed: only the work whose name contains this text")
+    p.add_argument("--torch-threads", type=int, default=2, help="torch's CPU threads (XLA uses every core)")
     args = p.parse_args(argv)
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.torch_threads)
     data = jlrp.datasets.shapes(64, size=32, seed=0)
     x = np.asarray(data.x, np.float32).astype(np.float64)  # float32 numbers: torch.Tensor keeps them exactly
     y, mask = np.asarray(data.y), np.asarray(data.mask).reshape(64, 32, 32).astype(bool)
@@ -375,7 +446,7 @@ def main(argv=None):
         out["equality"] = compare_numbers(x, y, mask, params)
     if not args.skip_speed:
         print("speed (float32, 64 images 32x32):", flush=True)
-        out["speed"] = compare_speed(x, y, params, args.repeats)
+        out["speed"] = compare_speed(x, y, params, args.repeats, args.only)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "results.json").write_text(json.dumps(out, indent=1))
     lines = [f"# jlrp vs Quantus ({', '.join(f'{k} {v}' for k, v in out['versions'].items())})", ""]
@@ -385,11 +456,22 @@ def main(argv=None):
                   for r in out["equality"]]
         lines.append("")
     if "speed" in out:
-        lines += ["| work | Quantus (median s) | jlrp (median s) | speed-up | jlrp first call (s) | compilations "
-                  "(first call / later) |", "|---|---:|---:|---:|---:|---:|"]
-        lines += [f"| {r['work']} | {r['quantus_s']:.3f} | {r['jlrp_s']:.4f} | {r['ratio']:.1f}x | "
-                  f"{r['jlrp_first_call_s']:.2f} | {r['compiles_first_call']} / {r['compiles_later_calls']} |"
-                  for r in out["speed"]]
+        lines += [f"Speed: float32, {len(x)} images 32x32, medians of {args.repeats} interleaved rounds after a "
+                  f"warm-up; torch {torch.get_num_threads()} threads. *First call*: jlrp's first call, compilation "
+                  "included (in brackets: minus a later call). *Model calls alone*: only the forward passes or "
+                  "gradients each side must make, in its own framework (jlrp's chunking), timed in the same rounds. "
+                  "*Bound*: Quantus / XLA model calls, the speed-up of a jlrp without any overhead. *Load*: the "
+                  "machine's 1-minute load average during the rounds (other processes share the cores).", "",
+                  "| work | Quantus (s) | jlrp (s) | speed-up | first call (s) | compilations (first / later) | "
+                  "model calls | GFLOP | torch model calls (s) | XLA model calls (s) | bound | load |",
+                  "|---|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|"]
+        for r in out["speed"]:
+            first = r["jlrp_first_call_s"]
+            lines.append(f"| {r['work']} | {r['quantus_s']:.3f} | {r['jlrp_s']:.3f} | {r['ratio']:.2f}x | "
+                         f"{first:.2f} ({first - r['jlrp_s']:.2f}) | {r['compiles_first_call']} / "
+                         f"{r['compiles_later_calls']} | {r['model_calls']} | {r['gflop']:.1f} | "
+                         f"{r['torch_calls_s']:.3f} | {r['xla_calls_s']:.3f} | {r['bound']:.2f}x | "
+                         f"{r['load']:.1f} |")
     (args.out / "results.md").write_text("\n".join(lines) + "\n")
     print(f"wrote {args.out / 'results.md'}")
 

@@ -109,9 +109,34 @@ def test_rankdata_and_correlations():
 
     v = np.round(RNG.normal(size=(4, 30)), 1)  # ties
     np.testing.assert_array_equal(mc.rankdata(jnp.asarray(v)), [scipy.stats.rankdata(r) for r in v])
+    # long rows (binary search in sorted integer keys): ties, signed zeros (equal), infinities; float32 too
+    long = np.round(RNG.normal(size=(3, 300)), 1)
+    long[0, :4] = [0.0, -0.0, np.inf, -np.inf]
+    for a in (long, long.astype(np.float32)):
+        np.testing.assert_array_equal(mc.rankdata(jnp.asarray(a)), [scipy.stats.rankdata(r) for r in a])
+    keys = np.asarray(mc.sort_key(jnp.asarray(long[0])))
+    np.testing.assert_array_equal(np.argsort(keys, kind="stable"), np.argsort(long[0], kind="stable"))
     w = v + RNG.normal(size=v.shape)
     np.testing.assert_allclose(mc.spearman(jnp.asarray(v), jnp.asarray(w)),
                                [scipy.stats.spearmanr(a, b)[0] for a, b in zip(v, w)], rtol=1e-12)
     np.testing.assert_allclose(mc.pearson(jnp.asarray(v), jnp.asarray(w)),
                                [scipy.stats.pearsonr(a, b)[0] for a, b in zip(v, w)], rtol=1e-12)
     assert float(mc.pearson(jnp.ones(5), jnp.arange(5.0))) == 0.0  # constant: 0, not NaN
+
+
+def test_random_subsets_and_flat_draws():
+    import jax
+    from jlrp._src import evaluation as ev
+    from jlrp._src import metrics_common as mc
+
+    # every row a subset of exactly k positions, every one of the C(5, 3) = 10 subsets about equally often
+    # (k > p / 2: drawn as the complement of a 2-subset by Floyd's algorithm)
+    m = np.asarray(mc.random_subsets(jax.random.key(1), (2, 2000), 5, 3)).reshape(4000, 5)
+    assert (m.sum(1) == 3).all()
+    _, counts = np.unique(m @ (2 ** np.arange(5)), return_counts=True)
+    assert len(counts) == 10 and np.abs(counts - 400).max() < 5 * np.sqrt(400)  # 5 standard deviations
+    # the flat draws are jax.random's numbers for the shape
+    key, shape = jax.random.key(3), (3, 8)
+    np.testing.assert_array_equal(ev.random_normal(key, shape), jax.random.normal(key, shape))
+    np.testing.assert_array_equal(ev.random_uniform(key, shape, minval=-2.0, maxval=3.0),
+                                  jax.random.uniform(key, shape, minval=-2.0, maxval=3.0))

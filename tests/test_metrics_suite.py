@@ -18,35 +18,49 @@ XS = np.concatenate([X, X[::-1] + 0.1])
 YS = np.concatenate([Y, Y[::-1]])
 
 
+def model_mlp(x):
+    return mlp(PARAMS, x)
+
+
+def gradient_mlp(x, y):
+    return mlp_grad(PARAMS, x, y)
+
+
+def input_x_gradient_mlp(x, y):
+    return x * mlp_grad(PARAMS, x, y)
+
+
 def test_evaluate_equals_direct_calls(tmp_path):
-    methods = {"gradient": lambda p, x, y: mlp_grad(p, x, y),
-               "input_x_gradient": lambda p, x, y: x * mlp_grad(p, x, y)}
+    from jlrp._src.metrics_suite import _jitted
+
+    methods = {"gradient": gradient_mlp, "input_x_gradient": input_x_gradient_mlp}
     metrics = ["faithfulness_correlation", "sparseness", "pointing_game", "completeness",
                E.metric("max_sensitivity", samples=3)]
     batches = [(XS[:N], YS[:N], MASK[:N]), (XS[N:], YS[N:], None)]  # the second batch has no mask
     key = jax.random.key(7)
     lines = []
-    res = E.evaluate(mlp, methods, batches, metrics=metrics, key=key, params=PARAMS, progress=False,
-                     out=tmp_path, plot=True, log=lines.append)
+    res = E.evaluate(model_mlp, methods, batches, metrics=metrics, key=key, progress=False, out=tmp_path, plot=True,
+                     log=lines.append)
     assert len(lines) == 4 and "batch 1" in lines[-1]
-    model = lambda x: mlp(PARAMS, x)
-    for name, explain in methods.items():
+    # the function objects evaluate() hands to the metrics (jitted once per function): the direct calls
+    # below reuse its compiled programs instead of compiling each metric again
+    model = _jitted(model_mlp)
+    for name, method in methods.items():
+        explain = _jitted(method)
         scores = res.per_sample[name]
         want = {k: [] for k in ("faithfulness_correlation", "sparseness", "completeness", "max_sensitivity")}
         for b, (x, y, _) in enumerate(batches):
-            r = explain(PARAMS, x, y)
+            r = explain(x, y)
             k = lambda j: jax.random.fold_in(jax.random.fold_in(key, b), j)
             want["faithfulness_correlation"].append(E.faithfulness_correlation(
                 model, x, r, y, key=k(0), subset_size=max(1, min(224, r[0].size // 4))))
             want["sparseness"].append(E.sparseness(r))
             want["completeness"].append(np.abs(E.completeness(model, x, r, y)))
-            want["max_sensitivity"].append(E.max_sensitivity(lambda x, y: explain(PARAMS, x, y), x, y, r, key=k(4),
-                                                             samples=3))
+            want["max_sensitivity"].append(E.max_sensitivity(explain, x, y, r, key=k(4), samples=3))
         for metric_name, parts in want.items():
             np.testing.assert_allclose(scores[metric_name], np.concatenate(parts), rtol=1e-10, atol=1e-12)
         # localisation only where a mask came with the batch
-        np.testing.assert_array_equal(scores["pointing_game"], E.pointing_game(explain(PARAMS, XS[:N], YS[:N]),
-                                                                               MASK[:N]))
+        np.testing.assert_array_equal(scores["pointing_game"], E.pointing_game(explain(XS[:N], YS[:N]), MASK[:N]))
     means = res.mean()
     assert math.isclose(means["gradient"]["sparseness"], float(np.mean(res.per_sample["gradient"]["sparseness"])))
     table = res.markdown()

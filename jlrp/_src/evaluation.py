@@ -33,6 +33,32 @@ _AUTO_CHUNK_VALUES = 2 ** 18
 # Perturbation curves
 # ----------------------------------------------------------------------------------------------------------
 
+def to_array(v: Any) -> Array:
+    """``v`` as a jax array without compiling anything: ``jnp.asarray`` of a numpy array compiles a small
+    program per shape (``jit(stage)``) on its first call, a device transfer does not (same dtype rules)."""
+    if isinstance(v, jax.Array):  # jax arrays and tracers
+        return v
+    return jax.device_put(np.asarray(v))
+
+
+def random_normal(key: Array, shape: tuple[int, ...], dtype: Any = None) -> Array:
+    """``jax.random.normal(key, shape, dtype)``, the same numbers, drawn flat and reshaped: XLA:CPU compiles
+    the random bits of a many-axis shape very slowly (seconds to tens of seconds for a 4-axis draw), a flat
+    draw in well under a second."""
+    dtype = jnp.result_type(float) if dtype is None else dtype
+    return jax.random.normal(key, (int(np.prod(shape, dtype=np.int64)),), dtype).reshape(shape)
+
+
+def random_uniform(key: Array, shape: tuple[int, ...], dtype: Any = None, minval: Any = 0.0,
+                   maxval: Any = 1.0) -> Array:
+    """``jax.random.uniform(key, shape, dtype, minval, maxval)`` (the same numbers, by jax's own formula),
+    drawn flat: see :func:`random_normal`."""
+    dtype = jnp.result_type(float) if dtype is None else dtype
+    flat = lambda v: jnp.broadcast_to(jnp.asarray(v, dtype), shape).reshape(-1)
+    size = int(np.prod(shape, dtype=np.int64))
+    return jax.random.uniform(key, (size,), dtype, flat(minval), flat(maxval)).reshape(shape)
+
+
 def _layout(shape: tuple[int, ...], region: int | tuple[int, ...]) -> tuple[tuple[int, int, int], tuple[int, int]]:
     """``(H, W, C)`` of the canonical view of a batch of this shape, and the region size ``(rh, rw)``."""
     region = (region,) if isinstance(region, (int, np.integer)) else tuple(region)
@@ -73,24 +99,32 @@ def _baseline(x: Array, baseline: str | float, region: tuple[int, int], key: Arr
     if baseline == "uniform":
         lo = x.min(axis=(1, 2, 3), keepdims=True)
         hi = x.max(axis=(1, 2, 3), keepdims=True)
-        return jax.random.uniform(key, x.shape, x.dtype, lo, hi)
+        return random_uniform(key, x.shape, x.dtype, lo, hi)
     if baseline in ("min", "max"):  # per image over all values (Quantus's "black" / "white")
         reduce = jnp.min if baseline == "min" else jnp.max
         return jnp.broadcast_to(reduce(x, axis=(1, 2, 3), keepdims=True), x.shape)
     return jnp.full_like(x, baseline)
 
 
-def _region_ranks(rel: Array, region: tuple[int, int], order: str, key: Array | None) -> Array:
-    """Per-pixel rank ``(N, H, W)`` of the region each pixel belongs to (0 = perturbed first)."""
+def _region_ranks(rel: Array, region: tuple[int, int], order: str, key: Array | None,
+                  lerf: Array | None = None) -> Array:
+    """Per-pixel rank ``(N, H, W)`` of the region each pixel belongs to (0 = perturbed first). ``order=
+    "ranked"``: by relevance, most relevant first, or least relevant first where the traced ``lerf`` is True
+    (MoRF and LeRF share one compiled program)."""
     n, h, w = rel.shape
     rh, rw = region
     gh, gw = -(-h // rh), -(-w // rw)  # partial regions at the bottom/right border are regions too
     padded = jnp.pad(rel, ((0, 0), (0, gh * rh - h), (0, gw * rw - w)))
     scores = padded.reshape(n, gh, rh, gw, rw).sum(axis=(2, 4)).reshape(n, gh * gw)
     if order == "random":
-        scores = jax.random.uniform(key, scores.shape)
+        scores = random_uniform(key, scores.shape)
     if order == "index":  # row-major region order (internal: infidelity's cumulative patches)
         scores = -jnp.broadcast_to(jnp.arange(gh * gw, dtype=jnp.float32), scores.shape)
+    if order == "ranked":  # most relevant first = least of the negated scores first (-0.0 made 0.0: a tie)
+        flipped = jnp.where(lerf, scores, -scores)
+        perm = jnp.argsort(jnp.where(flipped == 0, jnp.zeros_like(flipped), flipped), axis=1, stable=True)
+        ranks = jnp.argsort(perm, axis=1).reshape(n, gh, gw)
+        return jnp.repeat(jnp.repeat(ranks, rh, axis=1), rw, axis=2)[:, :h, :w]
     # stable sort: equal scores keep region-index order, so the curve is deterministic
     perm = jnp.argsort(scores, axis=1, stable=True, descending=(order != "lerf"))
     ranks = jnp.argsort(perm, axis=1).reshape(n, gh, gw)  # inverse permutation: region -> position
@@ -99,16 +133,19 @@ def _region_ranks(rel: Array, region: tuple[int, int], order: str, key: Array | 
 
 @functools.partial(jax.jit, static_argnames=("model_fn", "order", "region", "steps", "baseline", "chunk_size",
                                              "points", "insert"))
-def _curve(model_fn, x, relevance, target, key, base_array=None, *, order, region, steps, baseline, chunk_size,
-           points=None, insert=False):
+def _curve(model_fn, x, relevance, target, key, base_array=None, lerf=None, *, order, region, steps, baseline,
+           chunk_size, points=None, insert=False):
     shape, n = x.shape, x.shape[0]
     (h, w, c), region = _layout(shape, region)
     xc = x.reshape(n, h, w, c)
     rel = relevance.reshape(n, h, w, -1).sum(-1)  # channels summed: pixels are ranked, not channels
     k_order, k_base = (None, None) if key is None else (jax.random.fold_in(key, 0), jax.random.fold_in(key, 1))
-    ranks = _region_ranks(rel, region, order, k_order)
-    base = base_array.reshape(xc.shape).astype(xc.dtype) if baseline == "array" else \
-        _baseline(xc, baseline, region, k_base)
+    ranks = _region_ranks(rel, region, order, k_order, lerf)
+    if baseline == "array":  # an array shaped like x, or a number (0-d: every constant shares the program)
+        base_array = base_array.astype(xc.dtype)
+        base = jnp.broadcast_to(base_array, xc.shape) if base_array.ndim == 0 else base_array.reshape(xc.shape)
+    else:
+        base = _baseline(xc, baseline, region, k_base)
     # deletion: x^k = x with the first k regions replaced by the baseline; insertion (Petsiuk et al. 2018):
     # the baseline with the first k regions of x put back
     src, dst = (base, xc) if insert else (xc, base)
@@ -187,7 +224,7 @@ def perturbation_curve(model_fn: Callable[[Array], Array], x: Array, relevance: 
       ``(N, K + 1)``: column ``k`` is the target score after perturbing the first ``k`` regions
       (column 0 is the unperturbed input).
     """
-    x, relevance = jnp.asarray(x), jnp.asarray(relevance)
+    x, relevance = to_array(x), to_array(relevance)
     (h, w, _), reg = _layout(x.shape, region)
     if relevance.shape != x.shape and not (x.ndim == 4 and relevance.shape == x.shape[:3]):
         raise ValueError(f"relevance has shape {relevance.shape}, expected x's shape {x.shape}")
@@ -195,7 +232,7 @@ def perturbation_curve(model_fn: Callable[[Array], Array], x: Array, relevance: 
         raise ValueError(f"order must be one of {_ORDERS}, got {order!r}")
     base_array = None
     if not isinstance(baseline, (str, numbers.Real)):  # an array: one replacement value per input value
-        base_array = jnp.asarray(baseline)
+        base_array = to_array(baseline)
         if base_array.shape != x.shape:
             raise ValueError(f"a baseline array must have x's shape {x.shape}, got {base_array.shape}")
         baseline = "array"
@@ -217,9 +254,13 @@ def perturbation_curve(model_fn: Callable[[Array], Array], x: Array, relevance: 
     if target is not None:
         target = jnp.asarray(target) if isinstance(target, jax.core.Tracer) else np.asarray(target)
         check_target(_out_shape(model_fn, x.shape, x.dtype), target)  # range checked here, while concrete
-    return _curve(model_fn, x, relevance, target, key, base_array, order=order,
-                  region=reg if x.ndim > 2 else reg[1], steps=steps,
-                  baseline=baseline if isinstance(baseline, str) else float(baseline),
+    if not isinstance(baseline, str) or baseline == "zero":  # a number: traced, one program for all of them
+        base_array, baseline = np.asarray(0.0 if baseline == "zero" else float(baseline)), "array"
+    lerf = None
+    if order in ("morf", "lerf"):  # traced: MoRF and LeRF curves share one program
+        order, lerf = "ranked", np.asarray(order == "lerf")
+    return _curve(model_fn, x, relevance, target, key, base_array, lerf, order=order,
+                  region=reg if x.ndim > 2 else reg[1], steps=steps, baseline=baseline,
                   chunk_size=None if chunk_size is None else int(chunk_size))
 
 

@@ -18,15 +18,16 @@ import jax.numpy as jnp
 import numpy as np
 
 from jlrp._src import evaluation as ev
+from jlrp._src.evaluation import to_array
 from jlrp._src.metrics_common import (as_units, auto_chunk, check_baseline, check_model_target, pearson,
-                                      perturbed_scores, replace_units, scored_model, select, selection, spearman,
-                                      split_baseline, unit_baseline, unit_shape)
+                                      perturbed_scores, random_subsets, replace_units, scored_model, select,
+                                      selection, spearman, split_baseline, unit_baseline, unit_shape)
 
 Array = jax.Array
 
 
 def _prepare(model, x, relevance, target, baseline, key):
-    x, relevance = jnp.asarray(x), jnp.asarray(relevance)
+    x, relevance = to_array(x), to_array(relevance)
     unit_shape(x.shape, relevance.shape)
     target = check_model_target(model, x, target)
     baseline = check_baseline(x, baseline, key)
@@ -46,12 +47,12 @@ def _faithfulness_correlation(model, x, relevance, target, key, subsets, base_ar
                               baseline, chunk_size):
     xu, ru = as_units(x, relevance)
     n, p, _ = xu.shape
-    if subsets is None:  # uniform subsets without replacement: the k largest of p uniform draws (top_k is
-        # several times faster than a full argsort on CPU; ties, probability ~p^2 2^-53 in float64, go by index)
-        subsets = jax.lax.top_k(jax.random.uniform(_fold(key, 0), (n, runs, p)), subset_size)[1]
+    if subsets is None:  # uniform subsets without replacement, drawn as masks (Floyd's algorithm)
+        masks = random_subsets(_fold(key, 0), (runs, n), p, subset_size)  # (runs, N, P)
+    else:
+        rows, cols = jnp.arange(n)[:, None, None], jnp.arange(runs)[None, :, None]
+        masks = jnp.zeros((n, runs, p), bool).at[rows, cols, subsets].set(True).transpose(1, 0, 2)
     base = unit_baseline(xu, baseline if base_array is None else base_array, _fold(key, 1))
-    rows, cols = jnp.arange(n)[:, None, None], jnp.arange(runs)[None, :, None]
-    masks = jnp.zeros((n, runs, p), bool).at[rows, cols, subsets].set(True).transpose(1, 0, 2)  # (runs, N, P)
     sel = selection(model, x, target)
     f0 = select(model(x), sel)
     make = lambda ks: replace_units(xu[None], base[None], masks[ks]).reshape(ks.shape[0], *x.shape)
@@ -87,7 +88,7 @@ def faithfulness_correlation(model: Callable, x: Array, relevance: Array, target
         if not 0 < subset_size <= p:
             raise ValueError(f"subset_size={subset_size} must lie in [1, {p}] (the number of units)")
     else:
-        subsets = jnp.asarray(subsets)
+        subsets = to_array(subsets)
         if subsets.ndim != 3 or subsets.shape[0] != x.shape[0]:
             raise ValueError(f"subsets must be (N, runs, subset_size) unit indices, got {subsets.shape}")
         runs, subset_size = subsets.shape[1:]
@@ -111,7 +112,7 @@ def _monotonicity_correlation(model, x, relevance, target, key, values, *, sampl
     group_of = jnp.zeros((n, p), jnp.int32).at[jnp.arange(n)[:, None], order].set(rank // step)
     member = group_of[:, None, :] == jnp.arange(groups)[None, :, None]  # (N, G, P)
     if values is None:
-        values = jax.random.uniform(key, (groups, samples, n), x.dtype, low, high)
+        values = ev.random_uniform(key, (groups, samples, n), x.dtype, low, high)
     sel = selection(model, x, target)
     f0 = select(model(x), sel)
 
@@ -143,7 +144,7 @@ def monotonicity_correlation(model: Callable, x: Array, relevance: Array, target
 
     ``values``: optional ``(G, samples, N)`` replacement values instead of drawing them with ``key``.
     """
-    x, relevance = jnp.asarray(x), jnp.asarray(relevance)
+    x, relevance = to_array(x), to_array(relevance)
     p, _ = unit_shape(x.shape, relevance.shape)
     target = check_model_target(model, x, target)
     if not 1 <= features_in_step <= p:
@@ -153,7 +154,7 @@ def monotonicity_correlation(model: Callable, x: Array, relevance: Array, target
         if key is None:
             raise ValueError("monotonicity_correlation draws random values: pass key= (or values=)")
     else:
-        values = jnp.asarray(values)
+        values = to_array(values)
         if values.shape[0] != groups or values.ndim != 3 or values.shape[2] != x.shape[0]:
             raise ValueError(f"values must be (G={groups}, samples, N={x.shape[0]}), got {values.shape}")
         samples = values.shape[1]
@@ -179,6 +180,12 @@ def selectivity(model: Callable, x: Array, relevance: Array, target: Any = None,
     """
     curve = ev.perturbation_curve(model, x, relevance, target, order="morf", region=region, baseline=baseline,
                                   chunk_size=chunk_size)
+    return _unit_trapezoid(curve)
+
+
+@jax.jit
+def _unit_trapezoid(curve: Array) -> Array:
+    """Trapezoid rule with unit spacing over the perturbed points ``curve[:, 1:]``."""
     c = curve[:, 1:]
     return c.sum(1) - (c[:, 0] + c[:, -1]) / 2
 
@@ -216,7 +223,7 @@ def insertion_deletion_curve(model: Callable, x: Array, relevance: Array, target
     inserted into the baseline."""
     if mode not in ("deletion", "insertion"):
         raise ValueError(f"mode must be 'deletion' or 'insertion', got {mode!r}")
-    x, relevance = jnp.asarray(x), jnp.asarray(relevance)
+    x, relevance = to_array(x), to_array(relevance)
     p, _ = unit_shape(x.shape, relevance.shape)
     if baseline is None:
         if mode == "deletion" or jnp.issubdtype(x.dtype, jnp.integer):
@@ -237,6 +244,7 @@ def insertion_deletion_curve(model: Callable, x: Array, relevance: Array, target
                                baseline=static, chunk_size=auto_chunk(x.size, chunk_size))
 
 
+@jax.jit
 def _petsiuk_auc(curve: Array) -> Array:
     return (curve.sum(1) - (curve[:, 0] + curve[:, -1]) / 2) / (curve.shape[1] - 1)
 
@@ -272,8 +280,8 @@ def insertion_auc(model: Callable, x: Array, relevance: Array, target: Any = Non
 # comprehensiveness / sufficiency (DeYoung et al. 2020)
 # ----------------------------------------------------------------------------------------------------------
 
-@functools.partial(jax.jit, static_argnames=("model", "ks", "keep", "delete", "baseline", "chunk_size"))
-def _rationale(model, x, relevance, target, base_array, *, ks, keep, delete, baseline, chunk_size):
+@functools.partial(jax.jit, static_argnames=("model", "ks", "delete", "baseline", "chunk_size"))
+def _rationale(model, x, relevance, target, base_array, keep, *, ks, delete, baseline, chunk_size):
     xu, ru = as_units(x, relevance)
     n, p, _ = xu.shape
     ranks = jnp.argsort(jnp.argsort(-ru, axis=1, stable=True), axis=1)
@@ -283,7 +291,7 @@ def _rationale(model, x, relevance, target, base_array, *, ks, keep, delete, bas
 
     def make(k):  # (c,) rationale sizes -> (c, N, ...) inputs
         top = ranks[None] < k[:, None, None]  # (c, N, P): the rationale
-        gone = top if not keep else ~top
+        gone = top ^ keep  # keep (traced: comprehensiveness and sufficiency share the program): ~top
         if not delete:
             return replace_units(xu[None], base[None], gone).reshape(k.shape[0], *x.shape)
         # deletion: the remaining units move to the front in their order, the baseline fills the end
@@ -305,8 +313,13 @@ def _rationale_metric(keep, model, x, relevance, target, fractions, baseline, de
         raise ValueError(f"fractions must lie in (0, 1], got {fractions}")
     ks = tuple(int(math.ceil(f * p - 1e-9)) for f in fractions)
     static, base_array = split_baseline(baseline)
-    per_bin = _rationale(scored, x, relevance, target, base_array, ks=ks, keep=keep, delete=bool(delete),
-                         baseline=static, chunk_size=auto_chunk(x.size, chunk_size))
+    per_bin = _rationale(scored, x, relevance, target, base_array, np.asarray(bool(keep)), ks=ks,
+                         delete=bool(delete), baseline=static, chunk_size=auto_chunk(x.size, chunk_size))
+    return _mean_over_bins(per_bin)
+
+
+@jax.jit
+def _mean_over_bins(per_bin: Array) -> Array:
     return per_bin.mean(1)
 
 
@@ -343,7 +356,8 @@ def _infidelity_noise(model, x, relevance, target, key, noise, *, samples, std, 
     xu, ru = as_units(x, relevance)
     n = xu.shape[0]
     if noise is None:
-        noise = std * jax.random.normal(key, (samples,) + x.shape, x.dtype)
+        noise = std * ev.random_normal(key, (samples,) + x.shape, x.dtype)
+    noise = noise.astype(x.dtype)
     sel = selection(model, x, target)
     f0 = select(model(x), sel)
     make = lambda ks: x[None] - noise[ks]
@@ -367,7 +381,7 @@ def infidelity(model: Callable, x: Array, relevance: Array, target: Any = None, 
       baseline cumulatively in row-major order, ``I_k = x - x^k`` for every step ``k``, and the mean over
       the steps (deterministic, so no sampling). Images ``(N, H, W[, C])`` and sequences ``(N, D)``.
     """
-    x, relevance = jnp.asarray(x), jnp.asarray(relevance)
+    x, relevance = to_array(x), to_array(relevance)
     unit_shape(x.shape, relevance.shape)
     target = check_model_target(model, x, target)
     if perturbation == "patches":
@@ -377,7 +391,7 @@ def infidelity(model: Callable, x: Array, relevance: Array, target: Any = None, 
     if noise is None and key is None:
         raise ValueError("infidelity draws gaussian perturbations: pass key= (or noise=)")
     if noise is not None:
-        noise = jnp.asarray(noise, x.dtype)
+        noise = to_array(noise)
         if noise.shape[1:] != x.shape:
             raise ValueError(f"noise must be (S, *x.shape) = (S, {x.shape}), got {noise.shape}")
     return _infidelity_noise(model, x, relevance, target, key, noise, samples=int(samples), std=float(std),
@@ -386,22 +400,33 @@ def infidelity(model: Callable, x: Array, relevance: Array, target: Any = None, 
 
 def _infidelity_patches(model, x, relevance, target, region, baseline, chunk_size):
     (h, w, c), reg = ev._layout(x.shape, region)
-    n = x.shape[0]
     if isinstance(baseline, str):
         if baseline not in ev._BASELINES or baseline == "uniform":
             raise ValueError(f"baseline must be one of {[b for b in ev._BASELINES if b != 'uniform']}, a number "
                              f"or an array shaped like x, got {baseline!r}")
         static, base_array = baseline, None
-    elif np.ndim(baseline) == 0:
-        static, base_array = float(baseline), None
+    elif np.ndim(baseline) == 0:  # a number: traced (0-d), one program for every constant
+        static, base_array = "array", np.asarray(float(baseline))
     else:
-        static, base_array = "array", jnp.asarray(baseline).reshape(x.shape)
+        static, base_array = "array", to_array(baseline)
+        if base_array.size != x.size:
+            raise ValueError(f"a baseline array must be shaped like x {x.shape}, got {base_array.shape}")
+    return _infidelity_patches_program(model, x, relevance, target, base_array, hwc=(h, w, c), reg=reg,
+                                       baseline=static, chunk_size=auto_chunk(x.size, chunk_size))
+
+
+@functools.partial(jax.jit, static_argnames=("model", "hwc", "reg", "baseline", "chunk_size"))
+def _infidelity_patches_program(model, x, relevance, target, base_array, *, hwc, reg, baseline, chunk_size):
+    (h, w, c), n = hwc, x.shape[0]
     gh, gw = -(-h // reg[0]), -(-w // reg[1])
     curve = ev._curve(model, x, jnp.zeros((n, h, w), x.dtype), target, None, base_array, order="index",
-                      region=reg if x.ndim > 2 else reg[1], steps=gh * gw, baseline=static,
-                      chunk_size=auto_chunk(x.size, chunk_size))
+                      region=reg if x.ndim > 2 else reg[1], steps=gh * gw, baseline=baseline, chunk_size=chunk_size)
     xc = x.reshape(n, h, w, c)
-    base = base_array.reshape(xc.shape) if base_array is not None else ev._baseline(xc, static, reg, None)
+    if base_array is None:
+        base = ev._baseline(xc, baseline, reg, None)
+    else:
+        base_array = base_array.astype(x.dtype)
+        base = jnp.broadcast_to(base_array, xc.shape) if base_array.ndim == 0 else base_array.reshape(xc.shape)
     if relevance.shape == x.shape:  # R . (x - x^k), value by value
         contrib = (relevance.reshape(xc.shape) * (xc - base)).sum(-1)
     else:  # one relevance per pixel: times the pixel's summed change
@@ -431,6 +456,7 @@ def _neighbour_sum(v: Array) -> Array:
     return sum(wt * _shift(v, dy, dx) for dy, dx, wt in _NEIGHBOURS)
 
 
+@functools.partial(jax.jit, static_argnames=("noise", "rtol", "max_iter"))
 def noisy_linear_imputation(x: Array, removed: Array, *, key: Array | None = None, noise: float = 0.01,
                             rtol: float | None = None, max_iter: int | None = None) -> Array:
     """Noisy linear imputation (Rong et al. 2022): the removed pixels of images ``x`` ``(..., H, W, C)``
@@ -474,16 +500,17 @@ def noisy_linear_imputation(x: Array, removed: Array, *, key: Array | None = Non
 
     _, v, _, _, _ = jax.lax.while_loop(cond, body, (0, v0, r0, z0, z0))
     if noise:
-        v = v + noise * jax.random.normal(key, x.shape, x.dtype)
+        v = v + noise * ev.random_normal(key, x.shape, x.dtype)
     return jnp.where(m > 0, v, x)
 
 
-@functools.partial(jax.jit, static_argnames=("model", "counts", "lerf", "noise", "output", "chunk_size"))
-def _road(model, x, relevance, target, key, *, counts, lerf, noise, output, chunk_size):
+@functools.partial(jax.jit, static_argnames=("model", "counts", "noise", "output", "chunk_size"))
+def _road(model, x, relevance, target, key, lerf, *, counts, noise, output, chunk_size):
     n = x.shape[0]
     xc = x if x.ndim == 4 else x[..., None]
     rel = relevance.reshape(n, -1)
-    ranks = jnp.argsort(jnp.argsort(rel if lerf else -rel, axis=1, stable=True), axis=1).reshape(xc.shape[:3])
+    # lerf is traced: MoRF and LeRF share the program
+    ranks = jnp.argsort(jnp.argsort(jnp.where(lerf, rel, -rel), axis=1, stable=True), axis=1).reshape(xc.shape[:3])
     out = jax.eval_shape(model, x)
     if output == "accuracy":
         labels = jnp.argmax(model(x), -1) if target is None else jnp.broadcast_to(jnp.asarray(target), (n,))
@@ -518,7 +545,7 @@ def road(model: Callable, x: Array, relevance: Array, target: Any = None, *,
     ``"probability"`` the target score. Images ``(N, H, W[, C])``; relevance ``(N, H, W)`` or with channels
     (summed per pixel). Quantus's ``ROAD``: ``order="morf"``, percentages 1, 3, .., 99, accuracy.
     """
-    x, relevance = jnp.asarray(x), jnp.asarray(relevance)
+    x, relevance = to_array(x), to_array(relevance)
     if x.ndim not in (3, 4) or relevance.shape[:3] != x.shape[:3]:
         raise ValueError(f"road needs images (N, H, W[, C]) and relevance per pixel, got x {x.shape}, "
                          f"relevance {relevance.shape}")
@@ -536,5 +563,5 @@ def road(model: Callable, x: Array, relevance: Array, target: Any = None, *,
     scored = model if output != "probability" else scored_model(model, "probability")
     target = check_model_target(model, x, target)
     chunk = max(1, auto_chunk(x.size, chunk_size))
-    return _road(scored, x, relevance, target, key, counts=counts, lerf=order == "lerf", noise=float(noise),
+    return _road(scored, x, relevance, target, key, np.asarray(order == "lerf"), counts=counts, noise=float(noise),
                  output=output, chunk_size=chunk)

@@ -20,7 +20,8 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 
-from jlrp._src.metrics_common import auto_chunk, explain_many, resolve_target
+from jlrp._src.evaluation import map_chunked, random_normal, random_uniform, to_array
+from jlrp._src.metrics_common import auto_chunk, resolve_target
 
 Array = jax.Array
 _KINDS = ("sensitivity", "lipschitz", "input_stability", "output_stability")
@@ -34,34 +35,46 @@ def _norm(v: Array, lead: int) -> Array:
                                              "normalise", "eps", "exclude", "chunk_size"))
 def _robustness(explain, model, x, target, relevance, key, noise, *, kind, reduce, samples, draw, scale,
                 normalise, eps, exclude, chunk_size):
-    if noise is None:
-        shape = (samples,) + x.shape
-        noise = scale * (jax.random.normal(key, shape, x.dtype) if draw == "normal"
-                         else jax.random.uniform(key, shape, x.dtype, -1.0, 1.0))
-    noise = noise.astype(x.dtype)
-    xs = x[None] + noise
-    rs = explain_many(explain, xs, target, chunk_size).reshape((noise.shape[0],) + relevance.shape)
-    diff = relevance[None] - rs
-    if kind == "sensitivity":  # ||R(x) - R(x')|| (/ ||R(x)||)
-        value = _norm(diff, 2)
-        if normalise:
-            value = value / _norm(relevance, 1)[None]
-    elif kind == "lipschitz":  # ||R(x) - R(x')|| / ||x - x'||
-        value = _norm(diff, 2) / (_norm(noise, 2) + eps)
-    else:  # relative stability: ||(R - R') / R|| / max(||(x - x') / x|| or ||h(x) - h(x')||, eps_min)
-        safe = lambda v: v + (v == 0) * eps
-        num = _norm(diff / safe(relevance)[None], 2)
-        if kind == "input_stability":
-            den = _norm(noise / safe(x)[None], 2)
-        else:
-            logits = model(x)
-            logits_s = jax.lax.map(model, xs)
-            den = _norm(logits[None] - logits_s, 2)
-        value = num / jnp.maximum(den, eps)
-    if exclude:
-        pred = jnp.argmax(model(x), -1)
-        changed = jax.lax.map(lambda xi: jnp.argmax(model(xi), -1), xs) != pred[None]
-        value = jnp.where(changed, jnp.nan, value)
+    n = x.shape[0]
+    safe = lambda v: v + (v == 0) * eps
+    r_norm = _norm(relevance, 1)
+    r_safe = safe(relevance)
+    pred = jnp.argmax(model(x), -1) if exclude else None
+    logits = model(x) if kind == "output_stability" else None
+
+    def perturbation(s):  # sample s: drawn from its own key, so the chunking does not change the draws
+        k = jax.random.fold_in(key, s)
+        if draw == "normal":
+            return scale * random_normal(k, x.shape, x.dtype)
+        return scale * random_uniform(k, x.shape, x.dtype, -1.0, 1.0)
+
+    def values(ss):  # (c,) sample indices -> (c, N): the c perturbed copies explained in one call
+        c = ss.shape[0]
+        eps_x = (noise[ss] if noise is not None else jax.vmap(perturbation)(ss)).astype(x.dtype)
+        xs = x[None] + eps_x
+        flat = xs.reshape(c * n, *x.shape[1:])
+        rs = explain(flat, jnp.tile(target, c)).reshape((c,) + relevance.shape)
+        diff = relevance[None] - rs
+        if kind == "sensitivity":  # ||R(x) - R(x')|| (/ ||R(x)||)
+            value = _norm(diff, 2)
+            if normalise:
+                value = value / r_norm[None]
+        elif kind == "lipschitz":  # ||R(x) - R(x')|| / ||x - x'||
+            value = _norm(diff, 2) / (_norm(eps_x, 2) + eps)
+        else:  # relative stability: ||(R - R') / R|| / max(||(x - x') / x|| or ||h(x) - h(x')||, eps_min)
+            num = _norm(diff / r_safe[None], 2)
+            if kind == "input_stability":
+                den = _norm(eps_x / safe(x)[None], 2)
+            else:
+                den = _norm(logits[None] - model(flat).reshape((c,) + logits.shape), 2)
+            value = num / jnp.maximum(den, eps)
+        if exclude:  # copies whose predicted class changed are left out
+            changed = jnp.argmax(model(flat), -1).reshape(c, n) != pred[None]
+            value = jnp.where(changed, jnp.nan, value)
+        return value
+
+    count = samples if noise is None else noise.shape[0]
+    value = map_chunked(values, jnp.arange(count), chunk_size)  # (S, N)
     if reduce == "max":
         return jnp.nanmax(value, axis=0) if exclude else value.max(0)
     return jnp.nanmean(value, axis=0) if exclude else value.mean(0)
@@ -69,20 +82,20 @@ def _robustness(explain, model, x, target, relevance, key, noise, *, kind, reduc
 
 def _run(kind, reduce, explain, x, target, relevance, key, noise, samples, draw, scale, model, normalise, eps,
          chunk_size, exclude_changed):
-    x = jnp.asarray(x)
+    x = to_array(x)
     if kind == "output_stability" and model is None:
         raise ValueError("relative_output_stability compares logits: pass model=")
     target = resolve_target(model, x, target)
     if relevance is None:
         relevance = explain(x, target)
-    relevance = jnp.asarray(relevance)
+    relevance = to_array(relevance)
     if noise is None:
         if key is None:
             raise ValueError(f"{kind}: the perturbations are random: pass key= (or noise=)")
         if int(samples) < 1:
             raise ValueError(f"samples must be positive, got {samples}")
     else:
-        noise = jnp.asarray(noise)
+        noise = to_array(noise)
         if noise.shape[1:] != x.shape:
             raise ValueError(f"noise must be (S, *x.shape) = (S, {x.shape}), got {noise.shape}")
         samples = noise.shape[0]

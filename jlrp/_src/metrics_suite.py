@@ -328,7 +328,7 @@ def evaluate(model: Callable, methods: Mapping[str, Callable], batches: Iterable
     batches = iter(batches)
     bar = tqdm(disable=not progress, desc="evaluating", unit="method")
     for b, (x, y, *rest) in enumerate(batches):
-        x, y = jnp.asarray(x), jnp.asarray(y)
+        x, y = ev.to_array(x), ev.to_array(y)
         mask = rest[0] if rest and rest[0] is not None else None
         for i, (name, explain) in enumerate(explainers.items()):
             start = time.perf_counter()

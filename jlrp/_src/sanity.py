@@ -8,30 +8,46 @@ what the model learned: an artifact, in the sense of Landt-Hayen et al.'s "Fact 
 """
 from __future__ import annotations
 
+import functools
+import math
 import re
 from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from .graph import Lit, flatten
+from .evaluation import random_normal, to_array
 from .metrics_common import rankdata
 from .util import is_array, partition
 
 Array = jax.Array
 
 
+def _centred_ranks(v: Array) -> tuple[Array, Array]:
+    """Per example (leading axis): the average ranks of the flattened map minus their mean, and whether
+    the map has a NaN."""
+    v = v.reshape(v.shape[0], -1)
+    r = rankdata(v)
+    return r - r.mean(1, keepdims=True), jnp.isnan(v).any(1)
+
+
+def _ranked_correlation(a: tuple[Array, Array], b: tuple[Array, Array]) -> Array:
+    """Pearson correlation of centred ranks (Spearman); 0 for a constant map, NaN where a map had a NaN."""
+    (ra, na), (rb, nb) = a, b
+    norm = jnp.sqrt((ra * ra).sum(-1) * (rb * rb).sum(-1))
+    corr = jnp.where(norm > 0, (ra * rb).sum(-1) / jnp.where(norm > 0, norm, 1), 0.0)
+    return jnp.where(na | nb, jnp.nan, corr)
+
+
+@jax.jit
 def rank_correlation(a: Array, b: Array) -> Array:
     """Spearman rank correlation per example (leading axis) of two relevance maps, ``(N,)``; ties get
     their average rank. A constant map correlates 0 with anything; a map with a NaN gives NaN (a broken
     explanation must not pass for one that changed)."""
-    a, b = (jnp.asarray(v).reshape(v.shape[0], -1) for v in (a, b))
-    ra, rb = rankdata(a), rankdata(b)
-    ra, rb = ra - ra.mean(1, keepdims=True), rb - rb.mean(1, keepdims=True)
-    norm = jnp.sqrt((ra * ra).sum(1) * (rb * rb).sum(1))
-    corr = jnp.where(norm > 0, (ra * rb).sum(1) / jnp.where(norm > 0, norm, 1), 0.0)
-    broken = jnp.isnan(a).any(1) | jnp.isnan(b).any(1)
-    return jnp.where(broken, jnp.nan, corr)
+    a, b = jnp.asarray(a), jnp.asarray(b)
+    return _ranked_correlation(_centred_ranks(a), _centred_ranks(b))
 
 
 _COLLECTIONS = ("params", "batch_stats")
@@ -61,23 +77,56 @@ def _modules(params: Any) -> list[str]:
     return list(seen)
 
 
+def _standard_draws(leaves: Sequence[Any], key: Array) -> list[Array | None]:
+    """A standard normal draw shaped like every floating-point leaf (None for the others): one flat draw
+    per dtype over the leaves of that dtype, in flattening order, split into the leaves (one random
+    number generator in a compiled program instead of one per leaf: XLA:CPU compiles each in about a
+    second). A leaf's draw depends only on ``key`` and the parameters' structure."""
+    groups: dict = {}
+    for i, leaf in enumerate(leaves):
+        if _is_float_array(leaf):
+            groups.setdefault(jnp.dtype(leaf.dtype), []).append(i)
+    out: list[Array | None] = [None] * len(leaves)
+    for g, (dtype, idx) in enumerate(groups.items()):
+        sizes = [int(np.prod(jnp.shape(leaves[i]))) for i in idx]
+        flat = random_normal(jax.random.fold_in(key, g), (sum(sizes),), dtype)
+        for i, start, size in zip(idx, np.cumsum([0] + sizes[:-1]), sizes):
+            out[i] = flat[int(start):int(start) + size].reshape(jnp.shape(leaves[i]))
+    return out
+
+
+def _redrawn(leaf: Array, z: Array) -> Array:
+    """``leaf``'s mean + std * ``z``; ``|.|`` if every entry of ``leaf`` is positive."""
+    draw = leaf.mean() + leaf.std() * z
+    return jnp.where(leaf.min() > 0, jnp.abs(draw), draw)
+
+
 def randomize(params: Any, modules: str | Sequence[str], key: Array) -> Any:
     """``params`` with every floating-point leaf of the named modules (exact names, see
     :func:`parameter_randomization`) redrawn from a normal with the leaf's own mean and standard deviation,
     so the layer keeps its scale. A constant leaf (zero-initialised bias, std 0) stays as it is; a leaf
     with only positive entries (BatchNorm variances and scales) is redrawn as ``|draw|``, so it stays
-    positive. The draw of a leaf depends only on ``key`` and the leaf's position: randomising more modules
-    with the same key keeps the earlier draws. Other leaves are unchanged."""
+    positive. The draws depend only on ``key`` and the parameters' structure: randomising more modules with
+    the same key keeps the earlier draws (and :func:`parameter_randomization` with this key uses the same
+    draws). Other leaves are unchanged."""
     names = {modules} if isinstance(modules, str) else set(modules)
     leaves, treedef = jax.tree_util.tree_flatten_with_path(params)
-    out = []
-    for i, (path, leaf) in enumerate(leaves):
-        if _module(path) in names and _is_float_array(leaf):
-            leaf = jnp.asarray(leaf)
-            draw = leaf.mean() + leaf.std() * jax.random.normal(jax.random.fold_in(key, i), leaf.shape, leaf.dtype)
-            leaf = jnp.where(leaf.min() > 0, jnp.abs(draw), draw)
-        out.append(leaf)
-    return jax.tree_util.tree_unflatten(treedef, out)
+    chosen = tuple(_module(path) in names and _is_float_array(leaf) for path, leaf in leaves)
+    values = [leaf for _, leaf in leaves]
+    arrays = [v if is_array(v) else None for v in values]  # the program sees the arrays only
+    new = _randomize_program(chosen)(arrays, key)
+    return jax.tree_util.tree_unflatten(treedef, [n if c else v for n, c, v in zip(new, chosen, values)])
+
+
+@functools.lru_cache(maxsize=64)
+def _randomize_program(chosen: tuple[bool, ...]) -> Callable:
+    """One jitted program per selection of leaves: all draws at once (eager, every leaf operation would
+    compile a small program of its own)."""
+    @jax.jit
+    def run(arrays, key):
+        draws = _standard_draws(arrays, key)
+        return [_redrawn(a, z) if c else None for a, z, c in zip(arrays, draws, chosen)]
+    return run
 
 
 def _default_order(explain: Callable, params: Any, x: Array, target: Any = None) -> list[str]:
@@ -107,22 +156,14 @@ def _default_order(explain: Callable, params: Any, x: Array, target: Any = None)
     return used + [m for m in reversed(_modules(params)) if m not in first]
 
 
-def _leaf_draw(leaf: Array, key: Array) -> Array:
-    """A leaf redrawn from a normal with its own mean and standard deviation (``|draw|`` if all entries are
-    positive), as :func:`randomize` does."""
-    draw = leaf.mean() + leaf.std() * jax.random.normal(key, leaf.shape, leaf.dtype)
-    return jnp.where(leaf.min() > 0, jnp.abs(draw), draw)
-
-
 _PROGRAMS: dict = {}
 
 
-def _program(explain: Callable, rebuild: Callable, static_key: Any, full_index: tuple[int, ...],
-             smooth: int, with_target: bool) -> Callable:
+def _program(explain: Callable, rebuild: Callable, static_key: Any, smooth: int, with_target: bool) -> Callable:
     """One jitted program for the whole check, cached per explanation function and parameter structure:
     the parameters, the input, the key, the per-step selection of randomised leaves and the draws are traced
     arguments, so neither another step nor another call (same shapes) compiles again."""
-    cache_key = (explain, static_key, full_index, smooth, with_target)
+    cache_key = (explain, static_key, smooth, with_target)
     try:
         if cache_key in _PROGRAMS:
             return _PROGRAMS[cache_key]
@@ -138,19 +179,36 @@ def _program(explain: Callable, rebuild: Callable, static_key: Any, full_index: 
         return jax.lax.map(lambda e: call(x + e), noise).mean(0)
 
     @jax.jit
-    def mprt_program(values, x, key, steps, draws, noise, target):
-        if draws is None:
-            draws = [_leaf_draw(v, jax.random.fold_in(key, i)) if jnp.issubdtype(v.dtype, jnp.floating) else v
-                     for v, i in zip(values, full_index)]
-        reference = explain_values(values, x, noise, target)
+    def mprt_program(values, x, key, steps, draws, target, smooth_noise):
+        if draws is None:  # as randomize(params, .., key) draws them
+            draws = [v if z is None else _redrawn(v, z) for v, z in zip(values, _standard_draws(values, key))]
+        else:
+            draws = [d.astype(v.dtype) for d, v in zip(draws, values)]
+        noise = None
+        if smooth:  # smooth_samples - 1 noisy copies and x itself; the same noise serves every step
+            axes = tuple(range(1, x.ndim))
+            std = smooth_noise.astype(x.dtype) * (x.max(axes, keepdims=True) - x.min(axes, keepdims=True))
+            draw = random_normal(jax.random.fold_in(key, -1 % 2 ** 31), (smooth - 1,) + x.shape, x.dtype)
+            noise = jnp.concatenate([draw * std[None], jnp.zeros((1,) + x.shape, x.dtype)])
 
-        def step(_, chosen):  # chosen: (L,) bool, which array leaves are randomised at this step
+        # one scan over [trained model, step 1, .., step L]: a single instance of the explanation and of the
+        # ranking in the program (half the compile time of a separate reference pass); the carry holds the
+        # trained model's ranks (signed, absolute), set at step 0
+        def step(reference, xs):  # chosen: (L,) bool, which array leaves are randomised at this step
+            i, chosen = xs
             mixed = [jnp.where(c, d, v) for c, d, v in zip(chosen, draws, values)]
             r = explain_values(mixed, x, noise, target)
-            return None, (rank_correlation(reference, r), rank_correlation(jnp.abs(reference), jnp.abs(r)))
+            ranks, broken = _centred_ranks(jnp.stack([r, jnp.abs(r)]).reshape(2 * r.shape[0], -1))
+            ranked = (ranks.reshape(2, r.shape[0], -1), broken.reshape(2, -1))
+            reference = jax.tree.map(lambda new, old: jnp.where(i == 0, new, old), ranked, reference)
+            return reference, _ranked_correlation(reference, ranked)  # (2, N)
 
-        _, (signed, absolute) = jax.lax.scan(step, None, steps)
-        return signed, absolute
+        ref_shape = jax.eval_shape(lambda: explain_values(values, x, noise, target))
+        n, p = ref_shape.shape[0], math.prod(ref_shape.shape[1:])
+        init = (jnp.zeros((2, n, p), jnp.promote_types(ref_shape.dtype, jnp.float32)), jnp.zeros((2, n), bool))
+        unchanged = jnp.zeros((1, steps.shape[1]), bool)
+        _, corr = jax.lax.scan(step, init, (jnp.arange(steps.shape[0] + 1), jnp.concatenate([unchanged, steps])))
+        return corr[1:, 0], corr[1:, 1]
 
     if cache_key is not None:
         _PROGRAMS[cache_key] = mprt_program
@@ -208,7 +266,6 @@ def parameter_randomization(explain: Callable[[Any, Array], Array], params: Any,
         raise ValueError("parameter_randomization: pass key= (or draws=)")
     values, rebuild, static_key = partition(params)
     flat = jax.tree_util.tree_flatten_with_path(params)[0]
-    full_index = tuple(i for i, (_, leaf) in enumerate(flat) if is_array(leaf))
     leaf_modules = [_module(path) if _is_float_array(leaf) else None for path, leaf in flat if is_array(leaf)]
     steps = []
     for step in range(len(names)):
@@ -219,18 +276,11 @@ def parameter_randomization(explain: Callable[[Any, Array], Array], params: Any,
         draw_values, _, draw_key = partition(draws)
         if len(draw_values) != len(values) or any(jnp.shape(a) != jnp.shape(b) for a, b in zip(draw_values, values)):
             raise ValueError("draws must have the structure and leaf shapes of params")
-        draw_values = [jnp.asarray(d, jnp.asarray(v).dtype) for d, v in zip(draw_values, values)]
-    x = jnp.asarray(x)
-    noise = None
-    if smooth_samples:
-        if key is None:
-            raise ValueError("smooth_samples > 0 draws input noise: pass key=")
-        axes = tuple(range(1, x.ndim))
-        std = smooth_noise * (x.max(axes, keepdims=True) - x.min(axes, keepdims=True))
-        draw = jax.random.normal(jax.random.fold_in(key, -1 % 2 ** 31), (int(smooth_samples) - 1,) + x.shape, x.dtype)
-        noise = jnp.concatenate([draw * std[None], jnp.zeros((1,) + x.shape, x.dtype)])
-    run = _program(explain, rebuild, static_key, full_index, int(smooth_samples), target is not None)
-    key = jax.random.key(0) if key is None else key
-    signed, absolute = run([jnp.asarray(v) for v in values], x, key, jnp.asarray(steps, bool), draw_values, noise,
-                           None if target is None else jnp.asarray(target))
+    if smooth_samples and key is None:
+        raise ValueError("smooth_samples > 0 draws input noise: pass key=")
+    # arrays go to the program as they are (numpy included): converting them first would compile a small
+    # program per shape (jnp.asarray), and the check is meant to compile once
+    run = _program(explain, rebuild, static_key, int(smooth_samples), target is not None)
+    signed, absolute = run(list(values), to_array(x), key, np.asarray(steps, bool), draw_values,
+                           None if target is None else to_array(target), np.asarray(float(smooth_noise)))
     return {"modules": names, "spearman": signed, "spearman_abs": absolute}
