@@ -72,7 +72,7 @@ def test_silu_gated_mlp_splits_uniformly_and_sigmoid_gates_do_not():
     wg = jax.random.normal(jax.random.key(0), (4, 6))
     wu = jax.random.normal(jax.random.key(1), (4, 6))
     x = jax.random.normal(jax.random.key(2), (3, 4))
-    for act, origin in ((jax.nn.silu, ""), (jax.nn.sigmoid, "sigmoid")):
+    for act, origin in ((jax.nn.silu, "activation"), (jax.nn.sigmoid, "sigmoid")):
         f = lambda x: (act(x @ wg) * (x @ wu)).sum(-1, keepdims=True)
         report = jlrp.report(f, rules.epsilon())(x)
         product = next(l for l in report.layers if l.info.kind == "product")

@@ -414,6 +414,9 @@ class _Analysis:
             mark |= {"exp"}
         if node.prim in K.GATE:
             mark |= {"logistic"}
+        if node.prim in K.ELEMENTWISE - K.AFFINE - {K.P.select_n_p} or (
+                node.prim in (K.MUL, K.DIV) and len(plain) >= 2):
+            mark |= {"nonlinear"}  # gelu, silu, tanh, relu, ...: the gate branch of SwiGLU / GeGLU
         if stats:
             mark |= {"normalised"}
         if node.prim in (K.MUL, K.DIV) and len(plain) >= 2:
@@ -526,7 +529,8 @@ class _Analysis:
 
     @staticmethod
     def _origin(mark: frozenset[str]) -> str:
-        return "softmax" if "softmax" in mark else "sigmoid" if "logistic" in mark else ""
+        return "softmax" if "softmax" in mark else "sigmoid" if "logistic" in mark else \
+            "activation" if "nonlinear" in mark else ""
 
     def _region_slice(self, y: int, r: int, region_nodes: dict[int, int]) -> list[int]:
         """The region nodes needed to compute ``y`` from its root ``r`` (in order)."""

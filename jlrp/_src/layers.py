@@ -47,7 +47,8 @@ class LayerInfo:
       num_linear: number of dense and conv layers the input meets (loops unrolled).
       input_shape, output_shape: shapes of the (first) explained input and of the output.
       conv_index: position among conv layers, like ``linear_index``.
-      origins: for products, each operand's origin: 'softmax' (attention weights), 'sigmoid' (a gate) or ''.
+      origins: for products, each operand's origin: 'softmax' (attention weights), 'sigmoid' (a gate),
+        'activation' (the output of another non-linearity: SwiGLU's / GeGLU's gate branch) or ''.
       scope: '' at the top level, e.g. 'scan' for layers inside a loop body.
       reason: why the analysis recognised the layer (shown by ``Report.table()``).
       relu_like: an activation that is exactly ``max(x, 0)``.
