@@ -420,6 +420,26 @@ def test_softmax_rule_masks_and_l2_norms():
     assert len(norms) == 2 and all(abs(float(l.absorbed)) < 1e-9 * abs(float(l.total)) for l in norms)
 
 
+@pytest.mark.parametrize("cap", [2.0, 1e8])
+def test_soft_capped_softmax_uses_the_capped_logits(cap):
+    """Gemma 2's soft-capping c tanh(z / c) before the softmax: the softmax rule takes the capped logits g as
+    its x (R_g = g (R - s sum R)) and the capping passes relevance unchanged; a cap far above the logits
+    explains like no cap."""
+    rng = np.random.default_rng(5)
+    z, v = rng.normal(size=(1, 7)) * 3, rng.normal(size=(7, 4))
+    capped = lambda z: cap * jnp.tanh(z / cap)
+    model = lambda z: jax.nn.softmax(capped(z), -1) @ v
+    r = jlrp.lrp(model, composites.attnlrp(epsilon=1e-12), argnums=0)(z, target=1)
+    g = np.asarray(capped(z))
+    s = np.exp(g - g.max()) / np.exp(g - g.max()).sum()
+    r_s = s * v[:, 1]  # the epsilon rule of the dense read-out (no bias): s_j v_j1 (sum = the logit)
+    expected = g * (r_s - s * r_s.sum())
+    np.testing.assert_allclose(r, expected, rtol=1e-9, atol=1e-12)
+    if cap > 1e6:
+        plain = jlrp.lrp(lambda z: jax.nn.softmax(z, -1) @ v, composites.attnlrp(epsilon=1e-12), argnums=0)
+        np.testing.assert_allclose(r, plain(z, target=1), rtol=1e-6)
+
+
 def test_vit_recipe_gamma_per_layer_and_cp_attention():
     def vit(params, images):  # a tiny ViT: 4x4 patches, a class token, one block, the class token's head
         patches = jax.lax.conv_general_dilated(images, params["patch"], (4, 4), "VALID",

@@ -249,15 +249,19 @@ class LayerContext:
     def read(self, atom):
         return atom.val if isinstance(atom, Lit) else dict(zip(self.layer.consts, self.consts))[atom]
 
-    def replay(self, *xs, dtype=None):
-        """Re-run the layer's equations on ``xs`` (in ``dtype`` if given, e.g. float32 for a bf16 model)."""
+    def replay(self, *xs, dtype=None, value=None):
+        """Re-run the layer's equations on ``xs`` (in ``dtype`` if given, e.g. float32 for a bf16 model); the
+        layer's output, or the intermediate ``value`` of the layer (its equations up to it)."""
+        value = self.layer.output if value is None else value
         env = dict(zip(self.layer.inputs, xs))
         env.update(zip(self.layer.consts, self.consts))
         for n in self.layer.nodes:
+            if value in env:
+                break
             node = self.graph.nodes[n]
             outs = node.bind(*[a.val if isinstance(a, Lit) else env[a] for a in node.inputs], dtype=dtype)
             env.update(zip(node.outputs, outs))
-        return env[self.layer.output]
+        return env[value]
 
     def multiplicity(self, k: int) -> int:
         """How often explained input ``k`` enters the layer's core node (x . x counts twice)."""

@@ -639,11 +639,27 @@ def softmax_axes(context) -> tuple[int, ...] | None:
     return tuple(sorted(axes)) or None
 
 
+def softmax_logits(context):
+    """The value a softmax layer exponentiates, before the shift by its (stopped) maximum: the logits. It is
+    the layer's input unless an elementwise map comes first (e.g. Gemma 2's soft-capping ``c tanh(z / c)``),
+    whose output is then the softmax's input (and the map itself gets the identity rule)."""
+    graph, layer = context.graph, context.layer
+    producer = _producers(graph)
+    exp = next(graph.nodes[n] for n in layer.nodes if graph.nodes[n].prim in K.EXP)
+    logits = exp.inputs[0]
+    shift = producer.get(logits)
+    if shift is not None and shift.prim is K.P.sub_p and not hasattr(shift.inputs[1], "val") \
+            and shift.inputs[1] in layer.consts:  # z - stop_gradient(max z): the shift cancels in the softmax
+        logits = shift.inputs[0]
+    return logits
+
+
 @dataclasses.dataclass(frozen=True)
 class Softmax(RuleBase):
     """AttnLRP's softmax rule (Achtibat et al. 2024, Prop. 3.1: a Taylor decomposition at x with the bias
     absorbed): ``R_in = x * (R - s * sum(R))`` over the softmax axes, with masked (non-finite) logits taken
-    as 0. ``x`` is the layer's input (the logits after scaling and masking), ``s`` its output. Activation
+    as 0. ``x`` are the logits (after scaling, masking and any soft-capping: :func:`softmax_logits`), ``s``
+    the output. Activation
     layers that are not a softmax get ``other`` (the identity rule by default)."""
     other: RuleBase = Pass()
     name: str = "softmax"
@@ -656,7 +672,9 @@ class Softmax(RuleBase):
         if axes is None:
             return self.other.backward(context, xs, out, relevance)
         dtype = jnp.promote_types(relevance.dtype, jnp.float32)
-        x, s, r = (a.astype(dtype) for a in (xs[0], out, relevance))
+        logits = softmax_logits(context)
+        z = xs[0] if logits == context.layer.inputs[0] else context.replay(*xs, dtype=dtype, value=logits)
+        x, s, r = (a.astype(dtype) for a in (z, out, relevance))
         x = jnp.where(jnp.isfinite(x), x, 0.0)
         r_in = x * (r - s * jnp.sum(r, axis=axes, keepdims=True))
         return (_reduce_to(r_in, xs[0]),), None  # absorbed (the Taylor bias): measured
