@@ -235,6 +235,34 @@ def test_target_out_of_range_and_bad_shapes():
         explain(params, x, relevance=jnp.ones((4, 2)))
 
 
+def test_traced_targets_are_range_checked_under_jit_and_vmap_without_a_host_call_per_run():
+    """A traced target out of range raises under jit and vmap; the host is called only on the branch a bad
+    target takes (inside a cond), never on every run (a round trip that cost 4x jax.grad on a small MLP)."""
+    model, params, x = _cnn()
+    explain = jlrp.lrp(model.apply, jlrp.rules.epsilon(), argnums=1)
+    run = jax.jit(lambda x, t: explain(params, x, target=t))
+    good = jnp.array([0, 1, 2, 1])
+    np.testing.assert_allclose(run(x, good), explain(params, x, target=np.asarray(good)), rtol=1e-12)
+    with pytest.raises(ValueError, match="out of range"):
+        jax.block_until_ready(run(x, jnp.array([0, 1, 2, 3])))
+    batched = jax.vmap(run, in_axes=(None, 0))
+    assert batched(x, jnp.stack([good, good[::-1]])).shape == (2,) + x.shape
+    with pytest.raises(ValueError, match="out of range"):
+        jax.block_until_ready(batched(x, jnp.stack([good, jnp.array([0, 0, 0, -1])])))
+
+    def callbacks(jaxpr, in_cond=False):  # (primitive, inside a cond?) of every callback, at any depth
+        for e in jaxpr.eqns:
+            if "callback" in e.primitive.name:
+                yield e.primitive.name, in_cond
+            for p in e.params.values():
+                for sub in (p if isinstance(p, (tuple, list)) else (p,)):
+                    sub = getattr(sub, "jaxpr", sub)
+                    if hasattr(sub, "eqns"):
+                        yield from callbacks(sub, in_cond or e.primitive.name == "cond")
+    found = list(callbacks(jax.make_jaxpr(run)(x, good).jaxpr))
+    assert found and all(in_cond for _, in_cond in found), found
+
+
 def test_batch_of_scalar_outputs_is_not_guessed_silently():
     """A (batch,) output over a batched input: per-row scores or classes of one sample? jlrp reads classes
     (as documented) but warns, naming the fix for each reading; (batch, 1) outputs, relevance= and target=

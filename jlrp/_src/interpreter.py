@@ -19,22 +19,10 @@ from . import primitives as K
 from .analysis import REGISTRY, _Analysis
 from .graph import Graph, Lit, flatten
 from .layers import Layer, Plan, Probes
-from .util import is_array
+from .util import is_array, varying_like, varying_over
 
 # -------------------------------------------------------------------------------------------------------
 # Tracing and its cache
-
-
-def _varying_over(a) -> frozenset:
-    manual = getattr(jax.typeof(a), "manual_axis_type", None)
-    return frozenset(manual.varying) if manual is not None else frozenset()
-
-
-def _varying_like(w, x):
-    """``w`` cast to vary over the mesh axes ``x`` varies over inside ``jax.shard_map`` (a rule's modified
-    weight is made from replicated values; JAX requires both operands of an op to agree)."""
-    missing = _varying_over(x) - _varying_over(w)
-    return jax.lax.pcast(w, tuple(sorted(missing)), to="varying") if missing else w
 
 
 def _aval_of(leaf) -> Any:
@@ -311,11 +299,11 @@ class LayerContext:
         pos = view.position
 
         def op(x, w):  # computes in x's dtype (the rule's compute dtype)
-            w = _varying_like(w, x)
-            if _varying_over(w) - _varying_over(x):  # casting x here would psum its cotangent over devices
+            w = varying_like(w, x)
+            if varying_over(w) - varying_over(x):  # casting x here would psum its cotangent over devices
                 raise NotImplementedError(
                     f"inside jax.shard_map, a rule of layer {self.layer.info.index} ({self.layer.info.kind}) "
-                    f"feeds a value replicated over the mesh axes {sorted(_varying_over(w) - _varying_over(x))} "
+                    f"feeds a value replicated over the mesh axes {sorted(varying_over(w) - varying_over(x))} "
                     f"(e.g. z^B's bounds) into a per-device layer. Explain under jax.jit with sharded inputs "
                     f"instead (jlrp shards a batch without shard_map), or use a rule without constant inputs")
             if pad is not None:

@@ -9,6 +9,20 @@ import numpy as np
 from jax.extend.core import jaxpr_as_fun
 
 
+def varying_over(a: Any) -> frozenset:
+    """The mesh axes ``a`` varies over inside ``jax.shard_map`` (empty outside)."""
+    manual = getattr(jax.typeof(a), "manual_axis_type", None)
+    return frozenset(manual.varying) if manual is not None else frozenset()
+
+
+def varying_like(w: Any, x: Any) -> Any:
+    """``w`` cast to vary over the mesh axes ``x`` varies over inside ``jax.shard_map`` (a value made from
+    replicated ones, e.g. a rule's modified weight or a host callback's result; JAX requires the operands of
+    an op, and the branches of a cond, to agree)."""
+    missing = varying_over(x) - varying_over(w)
+    return jax.lax.pcast(w, tuple(sorted(missing)), to="varying") if missing else w
+
+
 def is_array(leaf: Any) -> bool:
     return isinstance(leaf, (jax.Array, np.ndarray, np.generic))
 
