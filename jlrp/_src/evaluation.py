@@ -108,25 +108,23 @@ def _baseline(x: Array, baseline: str | float, region: tuple[int, int], key: Arr
 
 def _region_ranks(rel: Array, region: tuple[int, int], order: str, key: Array | None,
                   lerf: Array | None = None) -> Array:
-    """Per-pixel rank ``(N, H, W)`` of the region each pixel belongs to (0 = perturbed first). ``order=
-    "ranked"``: by relevance, most relevant first, or least relevant first where the traced ``lerf`` is True
-    (MoRF and LeRF share one compiled program)."""
+    """Per-pixel rank ``(N, H, W)`` of the region each pixel belongs to (0 = perturbed first). ``order``:
+    ``"ranked"`` by relevance, most relevant first, or least relevant first where the traced ``lerf`` is True
+    (MoRF and LeRF share one compiled program); ``"random"``; ``"index"`` (row-major region order)."""
     n, h, w = rel.shape
     rh, rw = region
     gh, gw = -(-h // rh), -(-w // rw)  # partial regions at the bottom/right border are regions too
-    padded = jnp.pad(rel, ((0, 0), (0, gh * rh - h), (0, gw * rw - w)))
-    scores = padded.reshape(n, gh, rh, gw, rw).sum(axis=(2, 4)).reshape(n, gh * gw)
     if order == "random":
-        scores = random_uniform(key, scores.shape)
-    if order == "index":  # row-major region order (internal: infidelity's cumulative patches)
-        scores = -jnp.broadcast_to(jnp.arange(gh * gw, dtype=jnp.float32), scores.shape)
-    if order == "ranked":  # most relevant first = least of the negated scores first (-0.0 made 0.0: a tie)
+        first = -random_uniform(key, (n, gh * gw))
+    elif order == "index":  # internal: infidelity's cumulative patches
+        first = jnp.broadcast_to(jnp.arange(gh * gw, dtype=jnp.float32), (n, gh * gw))
+    else:  # "ranked": most relevant first = least of the negated scores first (-0.0 made 0.0: a tie)
+        padded = jnp.pad(rel, ((0, 0), (0, gh * rh - h), (0, gw * rw - w)))
+        scores = padded.reshape(n, gh, rh, gw, rw).sum(axis=(2, 4)).reshape(n, gh * gw)
         flipped = jnp.where(lerf, scores, -scores)
-        perm = jnp.argsort(jnp.where(flipped == 0, jnp.zeros_like(flipped), flipped), axis=1, stable=True)
-        ranks = jnp.argsort(perm, axis=1).reshape(n, gh, gw)
-        return jnp.repeat(jnp.repeat(ranks, rh, axis=1), rw, axis=2)[:, :h, :w]
+        first = jnp.where(flipped == 0, jnp.zeros_like(flipped), flipped)
     # stable sort: equal scores keep region-index order, so the curve is deterministic
-    perm = jnp.argsort(scores, axis=1, stable=True, descending=(order != "lerf"))
+    perm = jnp.argsort(first, axis=1, stable=True)
     ranks = jnp.argsort(perm, axis=1).reshape(n, gh, gw)  # inverse permutation: region -> position
     return jnp.repeat(jnp.repeat(ranks, rh, axis=1), rw, axis=2)[:, :h, :w]
 
