@@ -19,7 +19,7 @@ import numpy as np
 
 from .graph import Lit, flatten
 from .evaluation import random_normal, to_array
-from .metrics_common import rankdata
+from .metrics_common import pearson, rankdata
 from .util import is_array, partition
 
 Array = jax.Array
@@ -36,9 +36,7 @@ def _centred_ranks(v: Array) -> tuple[Array, Array]:
 def _ranked_correlation(a: tuple[Array, Array], b: tuple[Array, Array]) -> Array:
     """Pearson correlation of centred ranks (Spearman); 0 for a constant map, NaN where a map had a NaN."""
     (ra, na), (rb, nb) = a, b
-    norm = jnp.sqrt((ra * ra).sum(-1) * (rb * rb).sum(-1))
-    corr = jnp.where(norm > 0, (ra * rb).sum(-1) / jnp.where(norm > 0, norm, 1), 0.0)
-    return jnp.where(na | nb, jnp.nan, corr)
+    return jnp.where(na | nb, jnp.nan, pearson(ra, rb))
 
 
 @jax.jit
