@@ -197,6 +197,28 @@ def test_sharded_batch_equals_single_device():
     assert "SHARDED-OK" in proc.stdout, proc.stdout + proc.stderr
 
 
+def test_model_that_switches_mesh_axes_inside_an_explicit_mesh():
+    # Flax NNX's Embed (and jimm's models) look tokens up under jax.sharding.auto_axes inside an explicit
+    # mesh: the lookup's equations were traced under another mesh than the caller's, and are replayed in it
+    from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
+    rng = np.random.default_rng(0)
+    emb, w = jnp.asarray(rng.normal(size=(10, 6))), jnp.asarray(rng.normal(size=(6, 3)))
+    ids = jnp.array([[1, 2, 3, 0, 0], [4, 5, 6, 7, 8]])
+    plain = lambda emb, ids: jnp.tanh(jnp.take(emb, ids, axis=0)).sum(1) @ w
+    expected = jlrp.lrp(plain, jlrp.rules.epsilon(), argnums=1)(emb, ids, target=0)
+    mesh = jax.make_mesh((1,), ("fsdp",), axis_types=(AxisType.Explicit,))
+    with jax.set_mesh(mesh):
+        take = jax.sharding.auto_axes(lambda e, i: jnp.take(e, i, axis=0), out_sharding=P())
+        switching = lambda emb, ids: jnp.tanh(take(emb, ids)).sum(1) @ w
+        ids_sharded = jax.device_put(ids, NamedSharding(mesh, P()))
+        explain = jlrp.lrp(switching, jlrp.rules.epsilon(), argnums=1)
+        for run in (explain, jax.jit(explain)):
+            np.testing.assert_allclose(np.asarray(run(emb, ids_sharded, target=0)), np.asarray(expected),
+                                       rtol=1e-12)
+        report = jlrp.report(switching, jlrp.rules.epsilon(), argnums=1)(emb, ids_sharded, target=0)
+        np.testing.assert_allclose(np.asarray(report.relevance), np.asarray(expected), rtol=1e-12)
+
+
 def test_bf16_model_gives_finite_float32_quality_relevance():
     model, params, x = _cnn(jnp.float32)
     explain = jlrp.lrp(model.apply, jlrp.composites.epsilon_plus_flat(), argnums=1)

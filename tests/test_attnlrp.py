@@ -473,3 +473,35 @@ def test_vit_recipe_gamma_per_layer_and_cp_attention():
     assert abs(gap) < 1e-9
     with pytest.raises(TypeError, match="resolved by a Composite"):
         rules.PerLayer(lambda info: rules.epsilon()).backward(None, (), None, None)
+
+
+def _score_shaped_values(fn, *args) -> int:
+    """How many values of the attention scores' shape (..., T, T) with rank >= 4 a program computes (not
+    counting calls, whose bodies are walked, and stop_gradient, which computes nothing)."""
+    def walk(jaxpr):
+        n = 0
+        for eqn in jaxpr.eqns:
+            if eqn.primitive.name not in ("jit", "pjit", "stop_gradient"):
+                n += sum(v.aval.ndim >= 4 and v.aval.shape[-2:] == (T, T) for v in eqn.outvars)
+            for param in eqn.params.values():
+                for sub in param if isinstance(param, (tuple, list)) else [param]:
+                    sub = getattr(sub, "jaxpr", sub)
+                    if hasattr(sub, "eqns"):
+                        n += walk(sub)
+        return n
+    return walk(jax.make_jaxpr(fn)(*args).jaxpr)
+
+
+def test_cp_lrp_computes_nothing_behind_constant_attention_weights():
+    """Under CP-LRP the attention weights are constants, so the softmax, q.k^T and the q / k projections get
+    no relevance: they pass a symbolic zero back and no backward work is done for them (the explanation
+    computes no score-shaped value the model does not compute). AttnLRP, which explains them, does."""
+    p = init(dtype=jnp.float32)
+    model = functools.partial(next_token, cfg=GPT)
+    forward = _score_shaped_values(model, p, IDS)
+    assert forward > 0
+    counts = {v: _score_shaped_values(lambda p, ids, c=c: jlrp.lrp(model, c, argnums=1)(p, ids, target=TARGET),
+                                       p, IDS)
+              for v, c in (("cp", composites.cp_lrp()), ("attnlrp", composites.attnlrp()))}
+    assert counts["cp"] == forward, counts
+    assert counts["attnlrp"] > forward, counts

@@ -380,6 +380,12 @@ def test_positions_computed_from_token_ids_carry_no_relevance():
     g = lambda ids: jnp.tanh(emb[ids] + pos[positions]).sum(1) @ w
     explain = lambda fn: jlrp.lrp(fn, rules.epsilon())(ids, target=0)
     assert_close(explain(f), explain(g), 1e-12)
+    # RoBERTa's positions: what is computed token by token from such positions and the ids (cumsum(mask) *
+    # mask + pad) is a position too, not an embedding of the ids
+    roberta = lambda ids: (jnp.cumsum(ids != 0, axis=1) * (ids != 0) + 0).astype(jnp.int32)
+    f = lambda ids: jnp.tanh(emb[ids] + pos[roberta(ids)]).sum(1) @ w
+    g = lambda ids, p=roberta(ids): jnp.tanh(emb[ids] + pos[p]).sum(1) @ w
+    assert_close(explain(f), explain(g), 1e-12)
 
 
 def test_token_ids_on_non_leading_axes_of_the_embedding():

@@ -76,6 +76,7 @@ class _Analysis:
         self.depends: set[int] = set(inputs)
         self.active = {v for v in inputs if _inexact(graph.avals[v])}
         self.from_ids = {v for v in inputs if not _inexact(graph.avals[v])}  # explained integer inputs
+        self.positional: set[int] = set()  # computed from ids across tokens: constants (see below)
         self.roots: list[int] = []
         const_paths = const_paths or {}  # id(closed-over array) -> its path (an NNX module's state)
         self.provenance: dict[int, frozenset[str]] = {
@@ -83,19 +84,21 @@ class _Analysis:
             for v, c in graph.consts.items()}
         for v, p in zip(graph.inputs, input_paths):
             self.provenance[v] = frozenset([p]) if p else frozenset()
-        self.producer: dict[int, int] = {}
+        self.producer = graph.producer
         self.consumers: dict[int, list[int]] = {}
         for i, node in enumerate(graph.nodes):
             ins = _ids(node)
             for v in ins:
                 self.consumers.setdefault(v, []).append(i)
-            for v in node.outputs:
-                self.producer[v] = i
-            # values computed from token ids other than token by token (positions by a cumsum) are constants:
-            # only embeddings of the ids themselves carry the ids' relevance
-            mixes_ids = node.prim not in K.PER_TOKEN | K.CONTROL | {K.WHILE} and not any(
-                v in self.active for v in ins)
-            if not any(v in self.depends for v in ins) or mixes_ids:
+            # values computed from token ids other than token by token (positions by a cumsum), and what is
+            # computed from those without the model's activations (RoBERTa's cumsum(mask) * mask), are
+            # constants: only embeddings of the ids themselves carry the ids' relevance
+            positional = any(v in self.positional for v in ins)
+            positional = not any(v in self.active for v in ins) and (positional or any(
+                v in self.depends for v in ins) and node.prim not in K.PER_TOKEN | K.CONTROL | {K.WHILE})
+            if positional:
+                self.positional.update(node.outputs)
+            if not any(v in self.depends for v in ins) or positional:
                 prov = frozenset().union(*(self.provenance.get(v, frozenset()) for v in ins))
                 self.provenance.update((v, prov) for v in node.outputs)
                 continue

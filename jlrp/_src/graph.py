@@ -10,7 +10,9 @@ as sub-graphs of their own.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import functools
 from typing import Any
 
 import jax.numpy as jnp
@@ -43,6 +45,12 @@ class Node:
     outputs: list[int]
     name: str  # module path from the name stack ('' when unknown)
     call: tuple[int, ...] = ()  # the jax.jit calls (instance numbers, outermost first) it was inlined from
+    ctx: Any = None  # the equation's tracing context (mesh, compute type, XLA metadata): replayed in it
+
+    def context(self):
+        """The context the equation was traced in. A model may switch the mesh (e.g. to Auto axes around an
+        embedding lookup): each equation is replayed in its own context, as jax's evaluation of a jaxpr does."""
+        return self.ctx.manager if self.ctx is not None else contextlib.nullcontext()
 
     def bind(self, *vals, dtype=None):
         """Apply the primitive; with ``dtype``, floating operands are cast to it and the result type follows
@@ -53,7 +61,8 @@ class Node:
                     (jnp.asarray(v) for v in vals)]
             if "preferred_element_type" in params:
                 params = dict(params, preferred_element_type=None)
-        out = BINDERS.get(self.prim, self.prim.bind)(*vals, **params)
+        with self.context():
+            out = BINDERS.get(self.prim, self.prim.bind)(*vals, **params)
         return list(out) if self.prim.multiple_results else [out]
 
 
@@ -64,6 +73,12 @@ class Graph:
     outputs: list  # value ids or Lit
     consts: dict[int, Any]  # value id -> constant array (closed-over values)
     avals: dict[int, Any]  # value id -> abstract value
+
+    @functools.cached_property
+    def producer(self) -> dict[int, int]:
+        """Value id -> index of the node computing it (inputs and constants have none). Derived once per
+        graph: the analysis and every rule that reads the graph share it."""
+        return {v: i for i, node in enumerate(self.nodes) for v in node.outputs}
 
 
 def _name_of(eqn, prefix: str) -> str:
@@ -112,7 +127,7 @@ class _Builder:
                 outs = self.inline(inner, inner_consts, inputs, name, inner_call)
             else:
                 outs = [self.new(v.aval) for v in eqn.outvars]
-                self.nodes.append(Node(eqn.primitive, dict(eqn.params), inputs, outs, name, call))
+                self.nodes.append(Node(eqn.primitive, dict(eqn.params), inputs, outs, name, call, eqn.ctx))
             for var, out in zip(eqn.outvars, outs):
                 if not isinstance(var, jcore.DropVar):
                     env[var] = out

@@ -14,11 +14,13 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.custom_derivatives import SymbolicZero
 
 from . import primitives as K
 from .analysis import REGISTRY, _Analysis
 from .graph import Graph, Lit, flatten
 from .layers import Layer, Plan, Probes
+from .rules import complete
 from .util import is_array, varying_like, varying_over
 
 # -------------------------------------------------------------------------------------------------------
@@ -189,13 +191,6 @@ def assign_rules(plan: Plan, composite) -> Plan:
 # What a rule sees of a layer
 
 
-def _zero_cotangent(x):
-    x = jnp.asarray(x) if not hasattr(x, "dtype") else x
-    if jnp.issubdtype(x.dtype, jnp.inexact):
-        return jnp.zeros_like(x)
-    return np.zeros(np.shape(x), dtype=jax.dtypes.float0)
-
-
 def _to_rank(c, ndim: int):
     c = jnp.asarray(c)
     return c.reshape((1,) * (ndim - c.ndim) + c.shape)
@@ -345,22 +340,22 @@ def _emit(graph: Graph, layer: Layer, xs, consts, probe, steps, tap, known=None)
         return forward(xs, consts, known, steps)
 
     def fwd(xs, consts, probe, steps, known):
+        # symbolic zeros: the primals arrive wrapped (value, perturbed)
+        xs, consts, steps, known = jax.tree.map(lambda p: p.value, (xs, consts, steps, known))
         out = forward(xs, consts, known, steps)
-        return out, (xs, consts, out, steps)
+        return out, (xs, out, consts, steps)
 
     def bwd(res, relevance):
-        xs, consts, out, steps = res
+        xs, out, consts, steps = res
+        nothing = (None,) * len(xs)
+        if isinstance(relevance, SymbolicZero):  # no relevance arrives (a constant operand downstream)
+            return nothing, None, None, None, None
         ctx = LayerContext(graph, layer, consts, steps)
-        r_in, absorbed = layer.rule.backward(ctx, xs, out, relevance)
-        r_in = tuple(r.astype(x.dtype) for r, x in zip(r_in, xs))
-        if absorbed is None:  # rules without denominators: measured (in at least float32, float64 under x64)
-            dtype = jnp.promote_types(relevance.dtype, jnp.float32)
-            absorbed = jnp.sum(relevance.astype(dtype)) - sum(jnp.sum(r.astype(dtype)) for r in r_in)
+        r_in, absorbed = complete(layer.rule.backward(ctx, xs, out, relevance), relevance, xs, symbolic=True)
         probe_ct = None if probe is None else (relevance, absorbed.astype(probe[1].dtype))
-        return (r_in, jax.tree.map(_zero_cotangent, consts), probe_ct, jax.tree.map(_zero_cotangent, steps),
-                None if known is None else jnp.zeros_like(known))
+        return r_in, None, probe_ct, None, None
 
-    f.defvjp(fwd, bwd)
+    f.defvjp(fwd, bwd, symbolic_zeros=True)
     return f(tuple(xs), tuple(consts), probe, tuple(steps), known)
 
 
@@ -386,7 +381,7 @@ def _gate_fwd(y, mask):
 
 
 def _gate_bwd(mask, relevance):
-    return (relevance * mask).astype(relevance.dtype), _zero_cotangent(mask)
+    return (relevance * mask).astype(relevance.dtype), None
 
 
 _gate.defvjp(_gate_fwd, _gate_bwd)
@@ -425,6 +420,16 @@ def _control_flow(layer: Layer, node, vals: list, probes: list | None, steps: tu
     return list(body(list(vals), probes[0]))
 
 
+def _add_probe(node, value, probe):
+    """``value + probe`` (a zero whose cotangent is the relevance at ``value``) in the context ``value`` was
+    computed in; a probe made under another mesh (a model that switches to Auto axes) is resharded first."""
+    mesh = lambda a: getattr(getattr(jax.typeof(a), "sharding", None), "mesh", None)
+    if mesh(probe) != mesh(value) and not getattr(mesh(value), "empty", True):
+        probe = jax.sharding.reshard(probe, jax.typeof(value).sharding)
+    with node.context():
+        return value + probe
+
+
 def control_outputs(plan: Plan, node) -> list[int]:
     """The explained outputs of a control-flow node."""
     return [v for v in node.outputs if v in plan.active]
@@ -455,15 +460,18 @@ def run(plan: Plan, flat_args: list, probes: Probes | None = None, steps: tuple 
     env.update(g.consts)
     read = lambda a: a.val if isinstance(a, Lit) else env[a]
     deferred, later = [], set()
-    for i, node in enumerate(g.nodes):  # everything independent of the explained input, first
-        if any(v in plan.depends or v in later for v in node.inputs if not isinstance(v, Lit)):
+    blocks = tap is None and not steps
+    # everything independent of the explained input first, except inside a jax.jit block: the block runs as
+    # one program again, with the values it computed from constants (rotary tables...) rounded as it did
+    for i, node in enumerate(g.nodes):
+        if blocks and node.call or any(v in plan.depends or v in later for v in node.inputs if not isinstance(v, Lit)):
             deferred.append(i)
             later.update(node.outputs)
         else:
             env.update(zip(node.outputs, node.bind(*map(read, node.inputs))))
     internal: dict[int, Any] = {}  # region values computed from stopped roots (non-differentiable)
     state = (plan, probes, steps, tap)
-    for group in _jit_blocks(g, deferred) if tap is None and not steps else [[i] for i in deferred]:
+    for group in _jit_blocks(g, deferred) if blocks else [[i] for i in deferred]:
         if len(group) == 1:
             _evaluate(state, group[0], env, internal)
         else:
@@ -561,7 +569,7 @@ def _evaluate(state, i: int, env: dict, internal: dict) -> None:
         env.update(zip(node.outputs, node.bind(*map(read, node.inputs))))
         for v in node.outputs:
             if v in plan.roots and plan.roots.index(v) in probes.roots:
-                env[v] = env[v] + probes.roots[plan.roots.index(v)]
+                env[v] = _add_probe(node, env[v], probes.roots[plan.roots.index(v)])
     if layer is not None:
         # statistics an activation treats as constants (1/std, softmax's sum) must not carry relevance
         consts = [jax.lax.stop_gradient(env[v]) if v in plan.active else read(v) for v in layer.consts]

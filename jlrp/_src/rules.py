@@ -45,6 +45,9 @@ class RuleBase:
     def backward(self, context, xs, out, relevance):
         raise NotImplementedError
 
+    # An R_in of ``None`` says the input gets no relevance at all (e.g. attention weights held constant): the
+    # interpreter passes it on as a symbolic zero, so the layers that computed that input do no work.
+
 
 @dataclasses.dataclass(frozen=True)
 class Affine:
@@ -476,8 +479,11 @@ def gradient() -> Native:
 # ---------------------------------------------------------------------------------------------------------
 # What an explained operand is, read from the graph (gates, self-gated activations, softmax axes)
 
-def _producers(graph) -> dict:
-    return {v: node for node in graph.nodes for v in node.outputs}
+def _node_of(graph, v):
+    """The node computing value ``v``, or None for inputs and constants (``graph.producer`` is derived once
+    per graph)."""
+    i = graph.producer.get(v)
+    return None if i is None else graph.nodes[i]
 
 
 _ROUTING = K.STRUCTURAL - K.ELEMENTWISE | K.STOP_GRADIENT
@@ -489,17 +495,17 @@ class _Upstream:
     or inputs, without entering statistics (values derived from full reductions: a norm's 1/std)."""
 
     def __init__(self, graph):
-        self.producer = _producers(graph)
+        self.graph = graph
         self._stat: dict[int, bool] = {}
 
     def _node(self, v):
-        node = self.producer.get(v)
+        node = _node_of(self.graph, v)
         return node if node is not None and (node.prim in K.ELEMENTWISE or node.prim in _ROUTING) else None
 
     def statistic(self, v) -> bool:
         if v not in self._stat:
             self._stat[v] = False  # cycles cannot occur in a jaxpr; this only guards re-entry
-            node = self.producer.get(v)
+            node = _node_of(self.graph, v)
             if node is not None and node.prim in K.REDUCTIONS:
                 self._stat[v] = True
             elif self._node(v) is not None:
@@ -565,7 +571,7 @@ class Product(RuleBase):
         roles = operand_roles(context) if len(xs) > 1 else ("",)
         signal = [k for k, o in enumerate(roles) if o != "self"]
         if len(signal) == 1 and len(xs) > 1:  # x * f(x): an activation, the identity rule
-            r_in = [jnp.zeros_like(x) for x in xs]
+            r_in = [None] * len(xs)  # constant operands: no relevance
             r_in[signal[0]] = _reduce_to(relevance, xs[signal[0]]).astype(xs[signal[0]].dtype)
             return tuple(r_in), None
         live = [k for k in signal if roles[k] not in self.constant]
@@ -585,7 +591,7 @@ class Product(RuleBase):
         reuse = out.size < max(x.size for x in xs) and not elementwise
         r_live, absorbed = propagate(epsilon(self.stabilizer), op, [xs[k] for k in live], None, None, relevance,
                                      out, degree, z_is_op=reuse)
-        r_in = [jnp.zeros_like(x) for x in xs]
+        r_in = [None] * len(xs)  # constant operands: no relevance
         for k, r in zip(live, r_live):
             r_in[k] = r
         return tuple(r_in), absorbed
@@ -619,11 +625,11 @@ def softmax_axes(context) -> tuple[int, ...] | None:
     graph, layer = context.graph, context.layer
     if layer.kind != "activation" or not any(graph.nodes[n].prim in K.EXP for n in layer.nodes):
         return None
-    producer, out_ndim = _producers(graph), graph.avals[layer.output].ndim
+    out_ndim = graph.avals[layer.output].ndim
     axes, todo, seen = set(), list(layer.consts), set()
     while todo:
         v = todo.pop()
-        node = producer.get(v)
+        node = _node_of(graph, v)
         if v in seen or node is None:
             continue
         seen.add(v)
@@ -644,10 +650,9 @@ def softmax_logits(context):
     the layer's input unless an elementwise map comes first (e.g. Gemma 2's soft-capping ``c tanh(z / c)``),
     whose output is then the softmax's input (and the map itself gets the identity rule)."""
     graph, layer = context.graph, context.layer
-    producer = _producers(graph)
     exp = next(graph.nodes[n] for n in layer.nodes if graph.nodes[n].prim in K.EXP)
     logits = exp.inputs[0]
-    shift = producer.get(logits)
+    shift = _node_of(graph, logits)
     if shift is not None and shift.prim is K.P.sub_p and not hasattr(shift.inputs[1], "val") \
             and shift.inputs[1] in layer.consts:  # z - stop_gradient(max z): the shift cancels in the softmax
         logits = shift.inputs[0]
@@ -710,19 +715,23 @@ class PerStep(RuleBase):
 
     def backward(self, context, xs, out, relevance):
         index = jnp.asarray(self.table)[tuple(context.steps)]
-        branches = [lambda xs, out, relevance, r=r: _with_absorbed(r.backward(context, xs, out, relevance), relevance,
-                                                                   xs) for r in self.rules]
+        branches = [lambda xs, out, relevance, r=r: complete(r.backward(context, xs, out, relevance), relevance, xs)
+                    for r in self.rules]
         return jax.lax.switch(index, branches, tuple(xs), out, relevance)
 
 
-def _with_absorbed(result, relevance, xs):
-    """Fill in a measured absorbed share, so that every branch of a switch returns the same structure."""
+def complete(result, relevance, xs, *, symbolic: bool = False):
+    """A rule's ``(R_in, absorbed)`` made whole: each R_in in its input's dtype, an input with no relevance
+    (``None``) kept as ``None`` when ``symbolic`` (a custom_vjp's symbolic zero: nothing upstream of it is
+    computed) or else zeros (every branch of a switch must return the same structure), and the absorbed
+    share measured when the rule left it out (in at least float32)."""
     r_in, absorbed = result
-    r_in = tuple(r.astype(x.dtype) for r, x in zip(r_in, xs))
+    r_in = tuple(r.astype(x.dtype) if r is not None else None if symbolic else jnp.zeros_like(x)
+                 for r, x in zip(r_in, xs))
+    dtype = jnp.promote_types(relevance.dtype, jnp.float32)
     if absorbed is None:
-        dtype = jnp.promote_types(relevance.dtype, jnp.float32)
-        absorbed = jnp.sum(relevance.astype(dtype)) - sum(jnp.sum(r.astype(dtype)) for r in r_in)
-    return r_in, absorbed.astype(jnp.promote_types(relevance.dtype, jnp.float32))
+        absorbed = jnp.sum(relevance.astype(dtype)) - sum(jnp.sum(r.astype(dtype)) for r in r_in if r is not None)
+    return r_in, jnp.asarray(absorbed).astype(dtype)
 
 
 def uniform(stabilizer: float = 1e-6, *, gates: bool = True) -> Product:
