@@ -80,6 +80,25 @@ class Encoder(nn.Module):
         return nn.Dense(10)(nn.LayerNorm()(x).mean(axis=1))
 
 
+class ConvNeXtMini(nn.Module):
+    """A small ConvNeXt-style net: 4x4 stride-4 stem, then per stage blocks of depthwise 7x7 conv, LayerNorm,
+    dense 4x, GELU, dense, residual add (downsampling 2x2 stride-2 convs between stages), global mean,
+    LayerNorm, 10 classes (issue 16: depthwise convolutions)."""
+    dims: tuple[int, ...] = (32, 64, 128)
+    depth: int = 2
+
+    @nn.compact
+    def __call__(self, x):
+        x = nn.Conv(self.dims[0], (4, 4), strides=4)(x)
+        for i, d in enumerate(self.dims):
+            if i:
+                x = nn.Conv(d, (2, 2), strides=2)(nn.LayerNorm()(x))
+            for _ in range(self.depth):
+                h = nn.Conv(d, (7, 7), padding=3, feature_group_count=d)(x)
+                x = x + nn.Dense(d)(nn.gelu(nn.Dense(4 * d)(nn.LayerNorm()(h))))
+        return nn.Dense(10)(nn.LayerNorm()(x.mean(axis=(1, 2))))
+
+
 def _randomise_bn(variables):
     """Non-trivial BatchNorm statistics, so canonisation is not a no-op."""
     def f(path, v):
@@ -99,6 +118,7 @@ MODELS: dict[str, tuple[Callable[[], nn.Module], tuple[int, ...]]] = {
     "resnet18-224": (lambda: ResNet18(), (224, 224, 3)),
     "mlp": (lambda: MLP(), (784,)),
     "transformer": (lambda: Encoder(), (64, 128)),
+    "convnext-mini-64": (lambda: ConvNeXtMini(), (64, 64, 3)),
 }
 
 

@@ -19,6 +19,7 @@ import jax.numpy as jnp
 from jax.extend import core as jcore
 from jax.extend.core import primitives as P
 
+from .depthwise import bind_conv
 from .pooling import bind_max_pool
 
 #: Primitives (objects) whose body is inlined, with the parameter holding it.
@@ -26,8 +27,10 @@ _INLINE = {P.jit_p: "jaxpr", P.closed_call_p: "call_jaxpr", P.call_p: "call_jaxp
            P.custom_jvp_call_p: "call_jaxpr", P.custom_vjp_call_p: "call_jaxpr"}
 
 
-#: Primitives (objects) bound through a function of jlrp's: the same values, a faster derivative.
-BINDERS = {P.reduce_window_max_p: bind_max_pool}
+#: Primitives (objects) bound through a function of jlrp's, ``binder(*operands, rule=..., **params)``: the
+#: model's values from the primitive itself with a faster derivative; ``rule=True`` (a rule's computation)
+#: may compute the values a faster way too.
+BINDERS = {P.reduce_window_max_p: bind_max_pool, P.conv_general_dilated_p: bind_conv}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,15 +57,19 @@ class Node:
 
     def bind(self, *vals, dtype=None):
         """Apply the primitive; with ``dtype``, floating operands are cast to it and the result type follows
-        (rules compute in at least float32 for bf16/fp16 models)."""
+        (rules compute in at least float32 for bf16/fp16 models). A call with ``dtype`` is a rule's own
+        computation, which a binder may do another, faster way (equal up to rounding); without it, the model's
+        forward, which a binder computes with the primitive itself."""
         params = self.prim.get_bind_params(self.params)
         if dtype is not None:
             vals = [v.astype(dtype) if jnp.issubdtype(jnp.result_type(v), jnp.inexact) else v for v in
                     (jnp.asarray(v) for v in vals)]
             if "preferred_element_type" in params:
                 params = dict(params, preferred_element_type=None)
+        binder = BINDERS.get(self.prim)
         with self.context():
-            out = BINDERS.get(self.prim, self.prim.bind)(*vals, **params)
+            out = self.prim.bind(*vals, **params) if binder is None else binder(*vals, rule=dtype is not None,
+                                                                                  **params)
         return list(out) if self.prim.multiple_results else [out]
 
 

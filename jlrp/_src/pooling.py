@@ -50,8 +50,9 @@ def _max_pool_jvp(params: tuple, primals: tuple, tangents: tuple):
     return _max_pool_value(x, params), (first * _windows(t, dims)).sum(-1)
 
 
-def bind_max_pool(x: jax.Array, **params) -> jax.Array:
-    """``reduce_window_max`` with the fast VJP when its windows tile the input, else the primitive."""
+def bind_max_pool(x: jax.Array, *, rule: bool = False, **params) -> jax.Array:
+    """``reduce_window_max`` with the fast VJP when its windows tile the input, else the primitive (``rule``:
+    the same either way)."""
     if not _tiles(params) or not jnp.issubdtype(x.dtype, jnp.floating):
         return P.reduce_window_max_p.bind(x, **params)
     return _max_pool(x, tuple(sorted(params.items())))
