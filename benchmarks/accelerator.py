@@ -17,7 +17,6 @@ repository.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
@@ -28,7 +27,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import jax  # noqa: E402
 
 from models import build  # noqa: E402
-from run import _load, compile_method, machine_info, make_fn, output_dir, time_methods  # noqa: E402
+from run import (_load, compile_method, machine_info, make_fn, output_dir, time_methods,  # noqa: E402
+                 write_results)
 
 ACCELERATOR_DEFAULTS = ("vgg16-224,resnet18-224,transformer", "1,8,32,128,256")
 CPU_DEFAULTS = ("vgg16-64,transformer", "1,8,32")
@@ -93,12 +93,7 @@ def main(argv=None) -> Path:
         lines.append(f"| {r['model']} | {r['batch']} | {r['method']} | {r['ms']:.2f} | {r['per_s']:.1f} | {ratio} | "
                      f"{mem} | {r['compile_s']:.1f} |")
     text = "\n".join(lines) + "\n"
-    folder.mkdir(parents=True, exist_ok=True)
-    out = folder / f"accelerator-{device.platform}.md"
-    out.write_text(text)
-    out.with_suffix(".json").write_text(json.dumps(rows, indent=1))
-    print(text)
-    return out
+    return write_results(folder / f"accelerator-{device.platform}.md", text, rows)
 
 
 if __name__ == "__main__":

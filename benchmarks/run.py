@@ -207,6 +207,16 @@ def output_dir(out: str | os.PathLike | None) -> Path:
     return folder
 
 
+def write_results(out: Path, text: str, rows: list) -> Path:
+    """``text`` to ``out`` (markdown) and ``rows`` beside it as ``.json``, creating the folder; print the text."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(text)
+    out.with_suffix(".json").write_text(json.dumps(rows, indent=1))
+    print(text)
+    print(f"written: {out} and {out.with_suffix('.json').name}", file=sys.stderr)
+    return out
+
+
 def main(argv: list[str] | None = None) -> Path:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="MLP, VGG-16 64x64 and transformer at batch 8 and 32")
@@ -265,12 +275,7 @@ def main(argv: list[str] | None = None) -> Path:
         f"output bytes from `compiled.memory_analysis()`; GFLOP from `compiled.cost_analysis()`.", "",
         tables(rows), "",
         ("Skipped: " + "; ".join(skipped) + ".") if skipped else "", ""])
-    folder.mkdir(parents=True, exist_ok=True)
-    out.write_text(text)
-    out.with_suffix(".json").write_text(json.dumps([dataclasses.asdict(r) for r in rows], indent=1))
-    print(text)
-    print(f"written: {out} and {out.with_suffix('.json').name}", file=sys.stderr)
-    return out
+    return write_results(out, text, [dataclasses.asdict(r) for r in rows])
 
 
 if __name__ == "__main__":

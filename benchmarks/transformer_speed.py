@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import statistics
 import sys
 import time
@@ -30,7 +29,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 import jlrp  # noqa: E402
-from run import _load, compile_method, machine_info, output_dir, time_methods  # noqa: E402
+from run import _load, compile_method, machine_info, output_dir, time_methods, write_results  # noqa: E402
 
 TIME_TARGET, MEMORY_TARGET = 1.15, 1.3
 
@@ -179,13 +178,7 @@ def main(argv=None) -> Path:
                      f"{r['memory_x']:.2f}{ok(r['memory_x'], MEMORY_TARGET)} | {r['compile_s']:.1f} | "
                      f"{r['compile_x']:.2f} |")
     text = "\n".join(lines) + "\n"
-    folder.mkdir(parents=True, exist_ok=True)
-    out = folder / "transformer_speed.md"
-    out.write_text(text)
-    out.with_suffix(".json").write_text(json.dumps(rows, indent=1))
-    print(text)
-    print(f"written: {out}", file=sys.stderr)
-    return out
+    return write_results(folder / "transformer_speed.md", text, rows)
 
 
 if __name__ == "__main__":

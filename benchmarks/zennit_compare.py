@@ -27,7 +27,6 @@ more than XLA's under load. Results go to ``--out`` (zennit_compare.md / .json),
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -43,7 +42,7 @@ from zennit.composites import EpsilonGammaBox, EpsilonPlusFlat
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import jlrp  # noqa: E402
-from run import _flops, _load, machine_info, output_dir  # noqa: E402
+from run import _flops, _load, machine_info, output_dir, write_results  # noqa: E402
 
 CONFIG_D = [64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M"]
 SIZE, CLASSES, LOW, HIGH = 64, 1000, -3.0, 3.0
@@ -126,6 +125,13 @@ def torch_gradient(model):
     return run
 
 
+def torch_methods(model, x) -> dict:
+    """The torch side per method: the gradient and Zennit's two composites (z^B bounds shaped like ``x``)."""
+    box = (torch.full_like(x, LOW), torch.full_like(x, HIGH))
+    return {"gradient": torch_gradient(model), "epsilon_plus_flat": zennit_method(model, EpsilonPlusFlat()),
+            "epsilon_gamma_box": zennit_method(model, EpsilonGammaBox(*box))}
+
+
 def _torch_name(method: str) -> str:
     return "torch" if method == "gradient" else "zennit"
 
@@ -147,9 +153,7 @@ def equality64(layers, x, onehot) -> dict[str, float]:
                 for k, w, b in layers]
     tmodel = torch_model(layers64).double()
     xt, ot = torch.from_numpy(x.astype(np.float64)), torch.from_numpy(onehot.astype(np.float64))
-    box = (torch.full_like(xt, LOW), torch.full_like(xt, HIGH))
-    torch_side = {"gradient": torch_gradient(tmodel), "epsilon_plus_flat": zennit_method(tmodel, EpsilonPlusFlat()),
-                  "epsilon_gamma_box": zennit_method(tmodel, EpsilonGammaBox(*box))}
+    torch_side = torch_methods(tmodel, xt)
     out = {}
     with jax.enable_x64(True):
         f, params = jax_model(layers64)
@@ -191,10 +195,7 @@ def main(argv=None) -> Path:
         onehot = np.eye(CLASSES, dtype=np.float32)[target]
         xt, ot = torch.from_numpy(x), torch.from_numpy(onehot)
         xj, oj = jnp.asarray(x.transpose(0, 2, 3, 1)), jnp.asarray(onehot)
-        box = (torch.full_like(xt, LOW), torch.full_like(xt, HIGH))
-        torch_side = {"gradient": torch_gradient(tmodel),
-                      "epsilon_plus_flat": zennit_method(tmodel, EpsilonPlusFlat()),
-                      "epsilon_gamma_box": zennit_method(tmodel, EpsilonGammaBox(*box))}
+        torch_side = torch_methods(tmodel, xt)
         jax_side = {"gradient": lambda p, x, r: jax.vjp(lambda x: f(p, x), x)[1](r)[0],
                     "epsilon_plus_flat": jlrp.lrp(f, jlrp.composites.epsilon_plus_flat(), argnums=1),
                     "epsilon_gamma_box": jlrp.lrp(f, jlrp.composites.epsilon_gamma_box(LOW, HIGH), argnums=1)}
@@ -239,12 +240,7 @@ def main(argv=None) -> Path:
                      f"{r['torch_x_own_grad']:.2f} | {r['jax_x_own_grad']:.2f} | {r['jax_flops_x_grad']:.2f} | "
                      f"{r['max_rel_diff_f64']:.1e} | {r['median_rel_diff_f32']:.1e} | {r['jax_compile_s']:.1f} |")
     text = "\n".join(lines) + "\n"
-    folder.mkdir(parents=True, exist_ok=True)
-    out = folder / "zennit_compare.md"
-    out.write_text(text)
-    out.with_suffix(".json").write_text(json.dumps(rows, indent=1))
-    print(text)
-    return out
+    return write_results(folder / "zennit_compare.md", text, rows)
 
 
 if __name__ == "__main__":
