@@ -370,6 +370,15 @@ def test_normalisation_statistics_are_no_layers_and_jit_blocks_stay_bit_identica
     assert np.array_equal(np.asarray(jlrp.transform(f, argnums=0)(x)), np.asarray(f(x)))
 
 
+def test_literal_arguments_of_a_jitted_call_stay_its_parameters():
+    # jnp.var is a jax.jit called with the literal correction 0: inside the model's program n - 0 is a
+    # parameter, so the variance is divided by n; folded into a constant, XLA multiplies by 1/n (an ulp off)
+    w1, w2 = rnd(5, 96), rnd(96, 3)
+    f = lambda x: (jnp.tanh(x @ w1) / jnp.sqrt(jnp.var(x @ w1, axis=-1, keepdims=True) + 1e-5)) @ w2
+    x = rnd(64, 5)
+    assert np.array_equal(np.asarray(jlrp.transform(f, argnums=0)(x)), np.asarray(f(x)))
+
+
 def test_positions_computed_from_token_ids_carry_no_relevance():
     # positions from cumsum(ids != pad) are constants: the token relevance equals that of the same model
     # given the positions as a constant input

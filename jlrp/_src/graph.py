@@ -107,6 +107,11 @@ class _Builder:
         self.avals[vid] = aval
         return vid
 
+    def constant(self, val, aval) -> int:
+        vid = self.new(aval)
+        self.consts[vid] = val
+        return vid
+
     def inline(self, jaxpr: jcore.Jaxpr, consts: list, args: list, prefix: str, call: tuple = ()) -> list:
         env: dict = {}
 
@@ -129,6 +134,10 @@ class _Builder:
                 if eqn.primitive is P.jit_p:
                     self._calls += 1
                     inner_call = call + (self._calls,)
+                    # a literal argument is a parameter of the jitted program, not a constant XLA folds into
+                    # it (jnp.var's correction: var / (n - 0) would become var * (1 / n), an ulp off)
+                    inputs = [self.constant(a.val, v.aval) if isinstance(a, Lit) else a
+                              for a, v in zip(inputs, inner.invars)]
                 else:
                     inner_call = call
                 outs = self.inline(inner, inner_consts, inputs, name, inner_call)
