@@ -259,7 +259,8 @@ def propagate(rule: Rule, op: Callable[..., Array], xs: Sequence[Array], weight:
             if units is not None:  # an all-ones weight: one output unit, broadcast (no ones matrix)
                 z_k, pullback = _ones_weight_vjp(op, x_k[0], units, z)
             else:
-                w_k = None if weight is None else jax.tree.map(term.weight, weight)
+                w_k = None if weight is None else jax.tree.map(
+                    term.weight, weight if term.weight is _identity else _when_needed(weight, relevance))
                 z_k, pullback = jax.vjp(lambda *a, w_k=w_k: op(*a, w_k), *x_k)
             if reuse and term.weight == _identity and all(m == _identity for m in mods):
                 z_k = _without_bias(z, bias)  # the layer's own output, already computed
@@ -280,6 +281,35 @@ def propagate(rule: Rule, op: Callable[..., Array], xs: Sequence[Array], weight:
                 r_in[i] = r_in[i] + (term.sign / degree) * x * ct
         explained = explained + jnp.sum(signal * x_part)
     return tuple(r_in), jnp.sum(relevance) - explained
+
+
+@jax.custom_jvp
+def _when_needed(weight, relevance):
+    """``weight`` unchanged, but computed from ``relevance``, so that a modified weight (W+) cannot be
+    computed before the backward pass reaches its layer. XLA would otherwise compute every layer's W+ at the
+    start (it depends on parameters only) and keep all of them alive: at batch 1 these parameter-sized copies
+    dominate memory (VGG-16 64x64, epsilon_gamma_box: 2.5x jax.grad's). An optimization barrier does not
+    order them on XLA CPU (it is removed before scheduling), so the dependence is a select on a flag that
+    is always false but that XLA cannot fold. Under ``jax.vmap`` the weight stays unbatched (the flag reads
+    the batched relevance as a whole); its derivative is the weight's."""
+    return _weight_after(weight, relevance)
+
+
+@_when_needed.defjvp
+def _when_needed_jvp(primals, tangents):
+    return _when_needed(*primals), tangents[0]
+
+
+@jax.custom_batching.custom_vmap
+def _weight_after(weight, relevance):
+    first = jnp.ravel(relevance)[:1]
+    never = jnp.isnan(first) & (first == first)
+    return jax.tree.map(lambda w: jnp.where(never.reshape((1,) * w.ndim) if w.ndim else never[0], 0, w), weight)
+
+
+@_weight_after.def_vmap
+def _weight_after_vmap(axis_size, in_batched, weight, relevance):
+    return _weight_after(weight, relevance), in_batched[0]
 
 
 def _without_bias(z, bias):
@@ -360,7 +390,7 @@ def _shared_plan(rule: Rule, n_inputs: int, weight, nonneg: Sequence[bool], reus
 def _propagate_shared(rule: Rule, plan, op, x, weight, bias, relevance, z, reuse):
     """:func:`propagate` for Affine-only rules: each basis forward op(x_a; W_b) and each basis VJP once."""
     inputs = (x, jnp.maximum(x, 0))
-    weights = (weight, jnp.maximum(weight, 0))
+    weights = (weight, jnp.maximum(_when_needed(weight, relevance), 0))
     cache = {}
 
     def forward(pair):
