@@ -1,7 +1,10 @@
-"""Benchmark models in Flax linen (random init, eval mode): VGG-16, ResNet-18 with BatchNorm, an MLP and a small
-transformer encoder. ``build(name, batch)`` returns ``(apply, variables, x)`` with ``apply(variables, x) -> logits``."""
+"""Benchmark models in Flax linen (random init, eval mode): VGG-16, ResNet-18 with BatchNorm, an MLP, a small
+transformer encoder and a ConvNeXt-style net; and Keras 3 applications on the JAX backend (``keras-*``, random
+weights, needs ``pip install keras``: the zoo extra). ``build(name, batch)`` returns ``(apply, variables, x)``
+with ``apply(variables, x) -> logits``."""
 from __future__ import annotations
 
+import os
 from typing import Callable
 
 import flax.linen as nn
@@ -122,8 +125,32 @@ MODELS: dict[str, tuple[Callable[[], nn.Module], tuple[int, ...]]] = {
 }
 
 
+#: Keras applications (``weights=None``, 64x64 inputs, 10 classes): name -> constructor in keras.applications
+KERAS = {"keras-resnet50-64": "ResNet50", "keras-convnext-tiny-64": "ConvNeXtTiny",
+         "keras-mobilenetv2-64": "MobileNetV2", "keras-efficientnetb0-64": "EfficientNetB0"}
+
+
+def _keras_app(ctor_name: str, batch: int):
+    """A Keras application as ``apply((trainable, non_trainable), x)`` through ``model.stateless_call``."""
+    os.environ.setdefault("KERAS_BACKEND", "jax")
+    import keras
+    if keras.backend.backend() != "jax":
+        raise SystemExit("the keras-* benchmarks need KERAS_BACKEND=jax (set before keras is first imported)")
+    keras.utils.set_random_seed(0)
+    model = getattr(keras.applications, ctor_name)(weights=None, input_shape=(64, 64, 3), classes=10,
+                                                   classifier_activation=None)
+
+    def apply(variables, x):
+        return model.stateless_call(*variables, x, training=False)[0]
+
+    variables = ([v.value for v in model.trainable_variables], [v.value for v in model.non_trainable_variables])
+    return apply, variables, jax.random.uniform(jax.random.key(0), (batch, 64, 64, 3), jnp.float32)
+
+
 def build(name: str, batch: int):
     """Return ``(apply, variables, x)`` for model ``name`` and a random batch of ``batch`` inputs."""
+    if name in KERAS:
+        return _keras_app(KERAS[name], batch)
     make, shape = MODELS[name]
     model = make()
     x = jax.random.normal(jax.random.key(0), (batch, *shape), jnp.float32)

@@ -30,7 +30,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
 import jlrp  # noqa: E402
-from models import build  # noqa: E402
+from models import KERAS, build  # noqa: E402
 
 LRP = {
     "epsilon(0.25)": lambda: jlrp.rules.epsilon(0.25),
@@ -221,6 +221,9 @@ def main(argv: list[str] | None = None) -> Path:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="MLP, VGG-16 64x64 and transformer at batch 8 and 32")
     p.add_argument("--full", action="store_true", help="also ResNet-18 and VGG-16 at 224x224, batch 32")
+    p.add_argument("--keras", action="store_true",
+                   help="Keras applications at 64x64, batch 8 and 32 (ResNet50, ConvNeXtTiny, MobileNetV2, "
+                        "EfficientNetB0; needs keras, the zoo extra)")
     p.add_argument("--runs", type=int, default=5, help="timed calls per method (median), after one warm-up")
     p.add_argument("--only", default="", help="comma-separated model names to keep (e.g. mlp,vgg16-64)")
     p.add_argument("--budget", type=float, default=None,
@@ -228,6 +231,7 @@ def main(argv: list[str] | None = None) -> Path:
     p.add_argument("--out", default=None, help=f"results folder outside the repository (default {default_out()})")
     a = p.parse_args(argv)
     configs = QUICK if a.quick else DEFAULT + (FULL_ONLY if a.full else [])
+    configs += [(m, b) for m in KERAS for b in (8, 32)] if a.keras else []
     if a.only:
         configs = [c for c in configs if c[0] in a.only.split(",")]
     folder = output_dir(a.out)

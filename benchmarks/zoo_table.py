@@ -7,7 +7,8 @@ For each model of ``tests/zoo/zoo_models.py`` (family x model): builds it, runs 
 the tests compile with LLVM optimisation off), then times each composite's jitted ``jlrp.lrp`` against
 ``jax.grad`` of the target logits on the same model and batch (median of ``--runs`` calls after a warm-up;
 image models: the gradient w.r.t. the input; token models: w.r.t. the float parameters, since token ids have
-no gradient). Columns: works (checks passed), the conservation closure of each composite
+no gradient, so their ratio compares different work). The gradient is taken of the model's traced program
+(``jax.make_jaxpr``), the program jlrp explains: jimm's NNX models refuse ``jax.grad`` of the function itself. Columns: works (checks passed), the conservation closure of each composite
 ``|sum(R_out) - sum(R_in) - sum(absorbed)| / |sum(R_out)|``, LRP-0 vs input x gradient on ReLU CNNs, the time
 ratios, and the failed checks; every failure's text follows the table.
 
@@ -34,6 +35,7 @@ os.environ.setdefault("KERAS_BACKEND", "jax")  # before anything imports keras
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
+from jax.extend import core as jax_core  # noqa: E402
 
 import jlrp  # noqa: E402
 import zoo_checks  # noqa: E402
@@ -85,8 +87,17 @@ def _grad_baseline(model, target):
         out = model.fn(params, x)
         return jnp.sum(jnp.take_along_axis(out, target[:, None], axis=-1).astype(jnp.float32))
 
+    # the model's traced program (its jaxpr, as jlrp sees it): jax.grad of an NNX model whose modules are
+    # merged inside the function (jimm's nnx.scan) refuses to run at another trace level; the program is
+    # the same, so is its gradient
+    closed = jax.make_jaxpr(logits)(model.params, model.x)
+    program = jax_core.jaxpr_as_fun(closed)
+
+    def traced(params, x):
+        return program(*jax.tree_util.tree_leaves((params, x)))[0]
+
     # token ids have no gradient: differentiate w.r.t. the parameters instead (allow_int: integer leaves)
-    return jax.jit(jax.grad(logits, argnums=1 if model.kind == "image" else 0, allow_int=True))
+    return jax.jit(jax.grad(traced, argnums=1 if model.kind == "image" else 0, allow_int=True))
 
 
 def time_model(model, result: Result, runs: int, working: set[str]):
@@ -241,7 +252,7 @@ def report(results: list[Result], total: float, done: bool) -> str:
         "CNNs; token relevance independent of positions computed from the ids). closure: "
         "|ΣR_out − ΣR_in − Σabsorbed| / |ΣR_out| of `jlrp.report` (tolerance 1e-5 float32, 1e-2 bfloat16). "
         "time: median of the jitted `jlrp.lrp` over `jax.grad` of the target logits (w.r.t. the input for "
-        "images, the float parameters for token models). ε+♭ = epsilon_plus_flat, γ□ = epsilon_gamma_box "
+        "images, the float parameters for token models: different work) of the model's traced program. ε+♭ = epsilon_plus_flat, γ□ = epsilon_gamma_box "
         "(images only), ε = rules.epsilon() on every linear layer.", "",
         table(results), "", "## Failures", "", failures(results), ""])
 
