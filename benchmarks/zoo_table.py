@@ -8,7 +8,8 @@ the tests compile with LLVM optimisation off), then times each composite's jitte
 ``jax.grad`` of the target logits on the same model and batch (median of ``--runs`` calls after a warm-up;
 image models: the gradient w.r.t. the input; token models: w.r.t. the float parameters, since token ids have
 no gradient, so their ratio compares different work). The gradient is taken of the model's traced program
-(``jax.make_jaxpr``), the program jlrp explains: jimm's NNX models refuse ``jax.grad`` of the function itself. Columns: works (checks passed), the conservation closure of each composite
+(``jax.make_jaxpr``), the program jlrp explains: jimm's NNX models refuse ``jax.grad`` of the function
+itself. Columns: works (checks passed), the conservation closure of each composite
 ``|sum(R_out) - sum(R_in) - sum(absorbed)| / |sum(R_out)|``, LRP-0 vs input x gradient on ReLU CNNs, the time
 ratios, and the failed checks; every failure's text follows the table.
 
@@ -252,7 +253,8 @@ def report(results: list[Result], total: float, done: bool) -> str:
         "CNNs; token relevance independent of positions computed from the ids). closure: "
         "|ΣR_out − ΣR_in − Σabsorbed| / |ΣR_out| of `jlrp.report` (tolerance 1e-5 float32, 1e-2 bfloat16). "
         "time: median of the jitted `jlrp.lrp` over `jax.grad` of the target logits (w.r.t. the input for "
-        "images, the float parameters for token models: different work) of the model's traced program. ε+♭ = epsilon_plus_flat, γ□ = epsilon_gamma_box "
+        "images, the float parameters for token models: different work) of the model's traced program. "
+        "ε+♭ = epsilon_plus_flat, γ□ = epsilon_gamma_box "
         "(images only), ε = rules.epsilon() on every linear layer.", "",
         table(results), "", "## Failures", "", failures(results), ""])
 

@@ -18,7 +18,5 @@ import jax  # noqa: E402
 
 jax.config.update("jax_enable_x64", True)
 
-# The model zoo (tests/zoo: Hugging Face, Keras, jimm, equimo, penzai, gemma models) needs the `zoo` extra
-# (several GB with TensorFlow) and ~10 minutes: it runs on request, `JLRP_ZOO=1 python -m pytest tests/zoo`.
-
-collect_ignore = [] if os.environ.get("JLRP_ZOO") else ["zoo"]
+# The model zoo (tests/zoo: Hugging Face, Keras, jimm, equimo, penzai, gemma models; the `test` extra installs
+# them) runs one or two models per family by default; `JLRP_ZOO=1 python -m pytest -n0 tests/zoo` runs all.
