@@ -83,3 +83,31 @@ def test_lrp0_through_a_depthwise_cnn_is_input_times_gradient():
     # the explanation computes no grouped convolution in its backward pass: only the model's forward one
     text = jax.jit(lambda x: jlrp.lrp(model, jlrp.rules.gamma(0.25))(x, target=1)).lower(x).as_text()
     assert text.count("feature_group_count = 8") == 1, text.count("feature_group_count = 8")
+
+
+def test_a_repeated_eager_explanation_compiles_nothing(caplog):
+    """Eagerly, every operation compiles once per shape; a second call must reuse them all. A jitted block of
+    the model (run as one program again) and a rule's shifted-form depthwise conv were compiled anew at every
+    call: each call traced a new function (fails without the per-plan block cache / jitted shifted form)."""
+    rng = np.random.default_rng(1)
+    kw = dict(window_strides=(1, 1), padding=((1, 1), (1, 1)), dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    params = {"dw": jnp.asarray(rng.normal(size=(3, 3, 1, C))), "b": jnp.asarray(rng.normal(size=(C,))),
+              "dense": jnp.asarray(rng.normal(size=(6 * 6 * C, 3)))}
+
+    @jax.jit
+    def block(p, x):  # a jit block of several nodes: depthwise conv, bias, relu
+        return jax.nn.relu(jax.lax.conv_general_dilated(x, p["dw"], feature_group_count=C, **kw) + p["b"])
+
+    def model(p, x):
+        return block(p, x).reshape(x.shape[0], -1) @ p["dense"]
+
+    x = jnp.asarray(rng.normal(size=(2, 6, 6, C)))
+    for composite in (jlrp.composites.epsilon_plus_flat(), jlrp.composites.epsilon_gamma_box(-3.0, 3.0)):
+        explain = jlrp.lrp(model, composite, argnums=1)
+        first = explain(params, x)
+        with caplog.at_level("WARNING"), jax.log_compiles(True):
+            caplog.clear()
+            second = explain(params, x)
+        compiles = [r.getMessage()[:120] for r in caplog.records if "ompil" in r.getMessage()]
+        assert compiles == [], compiles
+        np.testing.assert_array_equal(second, first)

@@ -50,6 +50,11 @@ def _shifted(x, w, params: dict):
     return jnp.moveaxis(out, range(out.ndim), dn.out_spec)
 
 
+# one program per shape: called eagerly, the shifted form would otherwise dispatch (and first compile) its
+# ~3 x kernel-size operations one by one; under jit it is inlined
+_shifted_program = jax.jit(lambda x, w, params: _shifted(x, w, dict(params)), static_argnums=2)
+
+
 def _conv_value(lhs, rhs, params: tuple):
     return P.conv_general_dilated_p.bind(lhs, rhs, **dict(params))
 
@@ -59,10 +64,9 @@ _conv = jax.custom_jvp(_conv_value, nondiff_argnums=(2,))
 
 def _conv_jvp(params: tuple, primals: tuple, tangents: tuple):
     (lhs, rhs), (t_lhs, t_rhs) = primals, tangents
-    p = dict(params)
     out = _conv_value(lhs, rhs, params)
-    terms = [_shifted(a, b, p) for a, b in ((t_lhs, rhs), (lhs, t_rhs)) if not isinstance(a, SymbolicZero)
-             and not isinstance(b, SymbolicZero)]
+    terms = [_shifted_program(a, b, params) for a, b in ((t_lhs, rhs), (lhs, t_rhs))
+             if not isinstance(a, SymbolicZero) and not isinstance(b, SymbolicZero)]
     tangent = sum(terms[1:], terms[0]) if terms else jnp.zeros_like(out)
     return out, tangent.astype(out.dtype)
 
@@ -77,5 +81,5 @@ def bind_conv(lhs, rhs, *, rule: bool = False, **params):
     if not _depthwise(lhs, rhs, params):
         return P.conv_general_dilated_p.bind(lhs, rhs, **params)
     if rule:
-        return _shifted(lhs, rhs, params).astype(jnp.result_type(lhs, rhs))
+        return _shifted_program(lhs, rhs, tuple(sorted(params.items()))).astype(jnp.result_type(lhs, rhs))
     return _conv(lhs, rhs, tuple(sorted(params.items())))
