@@ -9,7 +9,6 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import threading
-import weakref
 from typing import Any, Callable
 
 import jax
@@ -533,23 +532,13 @@ def _run_block(state, group: list[int], env: dict, internal: dict) -> None:
         return ({v: env_b[v] for v in produced if v in env_b},
                 {v: internal_b[v] for v in produced if v in internal_b})
 
-    jitted = _compiled_block(plan, (tuple(group), tuple(outside), tuple(inside)), block)
-    env_out, internal_out = jitted([env[v] for v in outside], [internal[v] for v in inside], state[1])
+    # one jax.jit per plan and block: a new one per call would compile the block again at every eager call
+    key = (tuple(group), tuple(outside), tuple(inside))
+    if key not in plan.compiled:
+        plan.compiled[key] = jax.jit(block)
+    env_out, internal_out = plan.compiled[key]([env[v] for v in outside], [internal[v] for v in inside], state[1])
     env.update(env_out)
     internal.update(internal_out)
-
-
-_BLOCKS: dict[tuple, Callable] = {}
-
-
-def _compiled_block(plan: Plan, key: tuple, block: Callable) -> Callable:
-    """One ``jax.jit`` of a block per plan and block: a new jit per call would compile the block again at
-    every eager call (each call traces a new function). The entry lives as long as the plan."""
-    full = (id(plan),) + key
-    if full not in _BLOCKS:
-        _BLOCKS[full] = jax.jit(block)
-        weakref.finalize(plan, _BLOCKS.pop, full, None)
-    return _BLOCKS[full]
 
 
 def _evaluate(state, i: int, env: dict, internal: dict) -> None:

@@ -144,6 +144,9 @@ class Plan:
     provenance: dict[int, frozenset[str]]
     roots: tuple[int, ...]  # active values with no active inputs (embedding outputs of explained token ids)
     dynamic: tuple[bool, ...] = ()  # which argument leaves are traced inputs (the rest are static)
+    # the interpreter's jitted blocks of this plan (interpreter._run_block); not copied by dataclasses.replace,
+    # so a plan with other rules or another graph compiles its own
+    compiled: dict = dataclasses.field(default_factory=dict, init=False, compare=False, repr=False)
 
     def all_layers(self):
         """Layers of this plan and of every control-flow body, depth first."""
